@@ -1,0 +1,1102 @@
+"""Evaluation for PPAP (SPEC section 5).
+
+Command line
+------------
+    python eval.py --run runs/x [--data ...] [--data-dir ...] [--crf] [--out DIR]
+                   [--device auto] [--batch-size 8] [--limit N]
+    python eval.py --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [--crf]
+    python eval.py --summarize runs/a runs/b runs/c [--out DIR]
+
+Importable API (no side effects on import; ``ppap`` is imported lazily because
+ppap.py itself imports ``scores`` from here):
+
+    confusion_update(conf, pred, label, n_classes, n_preds) -> conf
+    scores(confusion, hungarian) -> dict(mIoU, Acc, IoU, assignment, ...)
+    evaluate_model(model, loader, device, crf=False, amp=False) -> flat dict
+        (cluster_mIoU, cluster_Acc, linear_mIoU, ..., *_IoU lists, *_confusion lists)
+    load_official(path, arch, patch, n_classes=None) -> PPAP model (eval mode, CPU)
+    official_state_dict(model) -> dict in the authors' checkpoint format
+    load_crf(device) -> ext.dense_crf, or EvalError("CRF unavailable: ...")
+
+Conventions
+-----------
+``confusion[c, k]`` counts val pixels whose ground-truth class is ``c`` and
+whose prediction (cluster id or linear class) is ``k``; C rows, K >= C columns.
+Pixels whose label is outside ``[0, C)`` (or whose prediction is outside
+``[0, K)``) are not counted.  One matrix is accumulated over the whole val set.
+
+Cluster probe ("unsupervised") scores use the Hungarian matching of the
+authors' ``UnsupervisedMetrics``: ``linear_sum_assignment(maximize=True)`` on
+the count matrix laid out as theirs (clusters x classes), i.e. the matching
+maximises the number of matched pixels; then
+
+    IoU_c = TP_c / (TP_c + FP_c + FN_c)   (NaN when 0/0, i.e. skipped)
+    mIoU  = 100 * nanmean(IoU)
+    Acc   = 100 * sum(TP) / sum(all counted pixels)
+
+More clusters than classes (K > C), exactly as the authors: every class gets
+its own cluster (a one-to-one matching of the C classes into the K clusters);
+all pixels predicted as an unmatched cluster are pooled into one extra
+pseudo-class "extra" that no ground-truth pixel belongs to.  Its IoU is 0
+when it holds any pixel (NaN otherwise) and it *is* part of the mIoU mean
+(C + 1 terms); its pixels count in the accuracy denominator.  ``IoU`` lists
+the C real classes; ``IoU_extra`` is given separately.  (The authors' code
+also drops predictions >= C before counting; we count every prediction in
+[0, K), so their extra clusters would always be empty - with the released
+configs K == C and the question does not arise.)
+
+Linear probe scores use the same formulas with the identity mapping.
+
+All numbers are computed in float64 (the authors compute in float32; the
+difference is ~1e-7 relative).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+__all__ = [
+    "EvalError", "PROBES", "OFFICIAL_KEYS", "confusion_update", "scores", "evaluate_model",
+    "probe_results", "load_crf", "image_to_uint8_bgr", "load_official", "official_state_dict",
+    "map_official_keys", "plot_confusion", "plot_examples", "palette", "write_outputs",
+    "format_table", "summarize", "format_summary", "main",
+]
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Dense-CRF hyper-parameters of the authors (utils/seg_utils.py).
+CRF_ITERS = 10
+CRF_POS_XY, CRF_POS_W = 1, 3
+CRF_BI_XY, CRF_BI_RGB, CRF_BI_W = 67, 3, 4
+CLUSTER_CRF_ALPHA = 2.0  # cluster probs for the CRF: softmax(2 * inner products)
+
+# Used only when ppap.py is not importable (it defines the same constants).
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+OFFICIAL_KEYS = ("net_model_state_dict", "linear_model_state_dict", "cluster_model_state_dict")
+# authors' prefix -> our prefix, per sub-dict
+_OFFICIAL_PREFIXES = {
+    "net_model_state_dict": (("model.", "backbone."), ("decoder.", "head."), ("project_head.", "proj.")),
+    "linear_model_state_dict": (("", "linear_probe."),),
+    "cluster_model_state_dict": (("", "cluster_probe."),),
+}
+
+
+class EvalError(Exception):
+    """One-line user-facing error (used where ppap.PPAPError is not available)."""
+
+
+def _error(msg: str) -> Exception:
+    """ppap.PPAPError(msg) when ppap is importable, else EvalError(msg)."""
+    try:
+        import ppap  # noqa: WPS433 (lazy on purpose: ppap imports eval)
+        return ppap.PPAPError(msg)
+    except Exception:  # ppap missing or broken: still give a clean error
+        return EvalError(msg)
+
+
+def _user_errors() -> tuple:
+    errs = [EvalError]
+    try:
+        import ppap
+        errs.append(ppap.PPAPError)
+    except Exception:
+        pass
+    return tuple(errs)
+
+
+# ==== METRICS ====
+
+def confusion_update(conf, pred, label, n_classes: int, n_preds: int | None = None):
+    """Add the pixels of ``pred``/``label`` (same shape, integer) to ``conf``.
+
+    ``conf`` is a [n_classes, n_preds] int64 tensor (or None: a new one is made
+    on pred's device).  Labels outside [0, n_classes) and predictions outside
+    [0, n_preds) are ignored.  Returns conf (updated in place when given).
+    """
+    n_preds = n_classes if n_preds is None else int(n_preds)
+    if n_preds < n_classes:
+        raise ValueError(f"n_preds ({n_preds}) < n_classes ({n_classes})")
+    pred = torch.as_tensor(pred)
+    label = torch.as_tensor(label, device=pred.device)
+    if pred.shape != label.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
+    if conf is None:
+        conf = torch.zeros(n_classes, n_preds, dtype=torch.int64, device=pred.device)
+    elif tuple(conf.shape) != (n_classes, n_preds):
+        raise ValueError(f"confusion has shape {tuple(conf.shape)}, expected {(n_classes, n_preds)}")
+    p = pred.reshape(-1).long()
+    t = label.reshape(-1).long()
+    keep = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_preds)
+    idx = t[keep] * n_preds + p[keep]
+    counts = torch.bincount(idx, minlength=n_classes * n_preds).reshape(n_classes, n_preds)
+    conf += counts.to(device=conf.device, dtype=conf.dtype)
+    return conf
+
+
+def _as_numpy_counts(confusion) -> np.ndarray:
+    if isinstance(confusion, torch.Tensor):
+        confusion = confusion.detach().cpu().numpy()
+    a = np.asarray(confusion)
+    if a.ndim != 2:
+        raise ValueError(f"confusion must be 2-D, got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
+        return a.astype(np.int64)
+    return a.astype(np.float64)
+
+
+def _iou_acc(hist: np.ndarray):
+    """hist[true, pred] square.  Returns (IoU array with NaN for 0/0, Acc in [0,1] or NaN)."""
+    hist = hist.astype(np.float64)
+    tp = np.diag(hist)
+    fp = hist.sum(axis=0) - tp
+    fn = hist.sum(axis=1) - tp
+    denom = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(denom > 0, tp / np.where(denom > 0, denom, 1.0), np.nan)
+    total = hist.sum()
+    acc = tp.sum() / total if total > 0 else float("nan")
+    return iou, acc
+
+
+def scores(confusion, hungarian: bool) -> dict:
+    """Scores of one confusion matrix (``confusion[c, k]``: class c predicted as k).
+
+    hungarian=True (cluster probe): clusters are matched to classes as the
+    authors do (see the module docstring, incl. K > C); hungarian=False
+    (linear probe): identity mapping, the matrix must be square.
+
+    Returns a dict:
+      mIoU, Acc        float, x100 (NaN if no pixel was counted)
+      IoU              list of C floats, x100, NaN where undefined
+      IoU_extra        (K > C only) IoU of the pooled unmatched clusters, x100
+      assignment       list of K ints: class of each cluster/prediction (-1: unmatched)
+      class_to_cluster list of C ints: cluster shown in column c of ``matched``
+      matched          [C(+1), C(+1)] nested list: confusion after the matching,
+                       rows = true class, columns = matched class (+ "extra")
+      n_pixels         int, pixels counted
+    """
+    conf = _as_numpy_counts(confusion)
+    C, K = conf.shape
+    if C == 0:
+        raise ValueError("confusion has no classes")
+    if K < C:
+        raise ValueError(f"confusion has fewer columns ({K}) than classes ({C})")
+    extra = None
+    if not hungarian:
+        if K != C:
+            raise ValueError("identity mapping (hungarian=False) needs a square confusion matrix")
+        class_to_cluster = np.arange(C)
+        assignment = np.arange(C)
+        hist = conf
+    else:
+        stats = conf.T  # authors' layout: [clusters, classes]
+        if K == C:
+            rows, cols = linear_sum_assignment(stats, maximize=True)  # rows = 0..K-1
+            assignment = np.full(K, -1, dtype=np.int64)
+            assignment[rows] = cols
+            class_to_cluster = np.argsort(assignment, kind="stable")
+            hist = conf[:, class_to_cluster]
+        else:
+            # One cluster per class (histogram of the matched clusters) ...
+            _, class_to_cluster = linear_sum_assignment(conf, maximize=True)
+            # ... and the clusters left out by the cluster-side matching are
+            # pooled into one "extra" column (the authors use the two calls).
+            rows, cols = linear_sum_assignment(stats, maximize=True)
+            assignment = np.full(K, -1, dtype=np.int64)
+            assignment[rows] = cols
+            missing = sorted(set(range(K)) - set(rows.tolist()))
+            hist = np.zeros((C + 1, C + 1), dtype=conf.dtype)
+            hist[:C, :C] = conf[:, class_to_cluster]
+            hist[:C, C] = conf[:, missing].sum(axis=1)
+            extra = True
+    iou, acc = _iou_acc(hist)
+    valid = ~np.isnan(iou)
+    miou = float(iou[valid].mean()) * 100.0 if valid.any() else float("nan")
+    out = {
+        "mIoU": miou,
+        "Acc": float(acc) * 100.0,
+        "IoU": [float(v) * 100.0 for v in iou[:C]],
+        "assignment": [int(v) for v in assignment],
+        "class_to_cluster": [int(v) for v in class_to_cluster],
+        "matched": hist.tolist(),
+        "n_pixels": int(conf.sum()) if np.issubdtype(conf.dtype, np.integer) else float(conf.sum()),
+    }
+    if extra:
+        out["IoU_extra"] = float(iou[C]) * 100.0
+    return out
+
+
+# ==== CRF ====
+
+def _imagenet_stats():
+    try:
+        import ppap
+        return tuple(ppap.IMAGENET_MEAN), tuple(ppap.IMAGENET_STD)
+    except Exception:
+        return _IMAGENET_MEAN, _IMAGENET_STD
+
+
+def image_to_uint8_bgr(img: torch.Tensor, bgr: bool = True) -> torch.Tensor:
+    """Normalised [B,3,H,W] float -> uint8 [B,H,W,3] (BGR by default).
+
+    Same arithmetic as the authors' dense_crf: un-normalise channel-wise in
+    float32 (x * std, then + mean), multiply by 255 and truncate to uint8
+    (to_pil_image), then reverse the channels.  Truncation, not rounding: a
+    value that does not round-trip exactly (e.g. 255 -> 254.99998) drops by one,
+    as theirs does.  Values are clamped to [0, 255] first, which changes nothing
+    for images that came from [0, 1].
+    """
+    mean, std = _imagenet_stats()
+    x = img.detach().float()
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    x = x * s
+    x = x + m
+    x = (x * 255).clamp_(0, 255).to(torch.uint8)
+    x = x.permute(0, 2, 3, 1)
+    if bgr:
+        x = x.flip(-1)
+    return x.contiguous()
+
+
+def load_crf(device=None):
+    """ext.dense_crf, imported lazily and built/loaded for ``device`` now (ext.load), so that a
+    build problem shows up before the evaluation starts.  Raises EvalError('CRF unavailable: ...')."""
+    try:
+        import ext  # noqa: WPS433
+        dense_crf = ext.dense_crf
+        if hasattr(ext, "load"):
+            ext.load(torch.device(device) if device is not None else "cpu")
+    except BaseException as e:  # ImportError, BuildError, OSError, CalledProcessError, ...
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        reason = " ".join(str(e).split())[:300]
+        raise EvalError(f"CRF unavailable: {type(e).__name__}" + (f": {reason}" if reason else "")) from None
+    if not callable(dense_crf):
+        raise EvalError("CRF unavailable: ext.dense_crf is not callable")
+    return dense_crf
+
+
+def _crf_argmax(dense_crf, img_u8, logits):
+    """softmax -> dense CRF (authors' parameters) -> argmax.  logits [B,C,H,W] at image size."""
+    # The authors pass log_softmax(logits) and softmax it again inside dense_crf.
+    probs = torch.softmax(torch.log_softmax(logits.float(), dim=1), dim=1)
+    q = dense_crf(img_u8, probs.contiguous(), iters=CRF_ITERS, pos_xy=CRF_POS_XY, pos_w=CRF_POS_W,
+                  bi_xy=CRF_BI_XY, bi_rgb=CRF_BI_RGB, bi_w=CRF_BI_W)
+    q = torch.as_tensor(q)
+    if tuple(q.shape) != tuple(probs.shape):
+        raise RuntimeError(f"dense_crf returned shape {tuple(q.shape)}, expected {tuple(probs.shape)}")
+    return q.argmax(1).to(logits.device)
+
+
+# ==== EVALUATION LOOP ====
+
+def _cluster_inner(model, code):
+    probe = model.cluster_probe
+    if hasattr(probe, "inner"):
+        return probe.inner(code)
+    clusters = F.normalize(probe.clusters, dim=1)
+    return torch.einsum("bchw,kc->bkhw", F.normalize(code, dim=1), clusters.to(code.dtype))
+
+
+def _unpack_batch(batch):
+    if isinstance(batch, dict):
+        return batch["img"], batch["label"]
+    return batch[0], batch[1]
+
+
+PROBES = ("cluster", "linear", "cluster_crf", "linear_crf")
+
+
+def _amp_dtype(amp, device):
+    if isinstance(amp, torch.dtype):
+        return amp
+    if isinstance(amp, str):
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+@torch.no_grad()
+def evaluate_model(model, loader, device, crf=False, amp=False, n_examples: int = 0,
+                   progress: bool = True, desc: str = "eval", dense_crf=None) -> dict:
+    """Evaluate ``model`` (a PPAP module) on ``loader`` (val items {'img','label'}).
+
+    Per batch: code = model(img)['code'], bilinearly upsampled (align_corners=False)
+    to the label size; linear prediction = argmax(linear_probe(code)); cluster
+    prediction = argmax of the cosine inner products with the clusters (= the
+    authors' one-hot probe output).  With crf=True the CRF predictions are made
+    in the same pass (dense CRF on softmax(linear logits) and on
+    softmax(2 * inner products), image as BGR uint8), so "no CRF" and "CRF"
+    scores come back together.  ``amp``: False, True (fp16 on CUDA, bf16 on
+    CPU), 'fp16'/'bf16' or a torch dtype.
+
+    Returns a flat dict; for each probe P in cluster, linear[, cluster_crf, linear_crf]:
+      P_mIoU, P_Acc               floats x100 (one confusion matrix over the loader)
+      P_IoU                       list of C per-class IoUs x100 (NaN: class absent and never predicted)
+      P_IoU_extra                 (cluster probes with K > C only)
+      P_confusion                 [C, K] nested list of pixel counts (rows: true class)
+      P_assignment                list of K: class of each cluster (identity for linear)
+      P_matched                   confusion after the matching (see ``scores``)
+    plus n_images (int) and examples (list of dicts for plot_examples: uint8 RGB
+    'image', 'label', raw per-probe predictions).  Scalars are floats/ints and
+    everything else is a list, so the dict can go straight into a JSON log after
+    dropping lists.  The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    if crf and dense_crf is None:
+        dense_crf = load_crf(device)
+    n_classes = int(model.n_classes)
+    n_clusters = int(model.cluster_probe.clusters.shape[0])
+    names = [p for p in PROBES if crf or not p.endswith("_crf")]
+    confs = {k: torch.zeros(n_classes, n_clusters if k.startswith("cluster") else n_classes,
+                            dtype=torch.int64, device=device) for k in names}
+    examples = []
+    n_images = 0
+    was_training = model.training
+    model.eval()
+    use_amp = bool(amp) and amp != "none"
+    amp_dtype = _amp_dtype(amp, device) if use_amp else torch.float32
+    try:
+        it = loader
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        for batch in it:
+            img, label = _unpack_batch(batch)
+            img = img.to(device, non_blocking=True)
+            label = label.to(device, non_blocking=True).long()
+            # as the authors: featurizer and probes under autocast, the upsampling outside it
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                code = model(img)["code"]
+            code = F.interpolate(code, size=label.shape[-2:], mode="bilinear", align_corners=False)
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                linear_logits = model.linear_probe(code)
+                inner = _cluster_inner(model, code)
+            preds = {"linear": linear_logits.argmax(1), "cluster": inner.argmax(1)}
+            if crf:
+                img_u8 = image_to_uint8_bgr(img)
+                preds["linear_crf"] = _crf_argmax(dense_crf, img_u8, linear_logits)
+                preds["cluster_crf"] = _crf_argmax(dense_crf, img_u8, CLUSTER_CRF_ALPHA * inner.float())
+            for k in names:
+                confusion_update(confs[k], preds[k], label, n_classes, confs[k].shape[1])
+            if len(examples) < n_examples:
+                rgb = image_to_uint8_bgr(img, bgr=False).cpu().numpy()
+                for i in range(min(img.shape[0], n_examples - len(examples))):
+                    ex = {"image": rgb[i], "label": label[i].cpu().numpy()}
+                    for k in names:
+                        ex[k] = preds[k][i].cpu().numpy()
+                    examples.append(ex)
+            n_images += img.shape[0]
+    finally:
+        model.train(was_training)
+    out = {}
+    for k in names:
+        conf = confs[k].cpu()
+        sc = scores(conf, hungarian=k.startswith("cluster"))
+        out[f"{k}_mIoU"], out[f"{k}_Acc"] = sc["mIoU"], sc["Acc"]
+        if "IoU_extra" in sc:
+            out[f"{k}_IoU_extra"] = sc["IoU_extra"]
+        out[f"{k}_IoU"] = sc["IoU"]
+        out[f"{k}_confusion"] = conf.tolist()
+        out[f"{k}_assignment"] = sc["assignment"]
+        out[f"{k}_matched"] = sc["matched"]
+    out["n_images"] = n_images
+    out["examples"] = examples
+    return out
+
+
+def probe_results(res: dict, probe: str) -> dict | None:
+    """The entries of one probe in an evaluate_model result, without the prefix (None if absent)."""
+    if f"{probe}_mIoU" not in res:
+        return None
+    pre = probe + "_"
+    return {k[len(pre):]: v for k, v in res.items()
+            if k.startswith(pre) and (probe.endswith("_crf") or not k[len(pre):].startswith("crf_"))}
+
+
+# ==== CHECKPOINTS ====
+
+def _strip_module(sd: dict) -> dict:
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def map_official_keys(ckpt: dict) -> dict:
+    """Authors' checkpoint dict -> our PPAP state_dict (flat, our key names).
+
+    net_model_state_dict: model.* -> backbone.*, decoder.* -> head.*,
+    project_head.* -> proj.*; linear_model_state_dict -> linear_probe.*;
+    cluster_model_state_dict -> cluster_probe.*.  A leading 'module.' (DDP) is
+    stripped.  Raises EvalError naming keys with no mapping.
+    """
+    if not isinstance(ckpt, dict):
+        raise EvalError(f"not an authors' PPAP checkpoint: expected a dict, got {type(ckpt).__name__}")
+    missing = [k for k in OFFICIAL_KEYS if k not in ckpt]
+    if missing:
+        have = ", ".join(sorted(map(str, ckpt.keys()))[:8]) or "nothing"
+        raise EvalError(f"not an authors' PPAP checkpoint: missing {', '.join(missing)} (has: {have})")
+    out, unmapped = {}, []
+    for part in OFFICIAL_KEYS:
+        sd = ckpt[part]
+        if not isinstance(sd, dict):
+            raise EvalError(f"corrupt authors' checkpoint: {part} is a {type(sd).__name__}, not a dict")
+        for k, v in _strip_module(sd).items():
+            for src, dst in _OFFICIAL_PREFIXES[part]:
+                if k.startswith(src):
+                    out[dst + k[len(src):]] = v
+                    break
+            else:
+                unmapped.append(f"{part}:{k}")
+    if unmapped:
+        raise EvalError("authors' checkpoint has unexpected key(s): " + ", ".join(unmapped[:10])
+                        + (f" (+{len(unmapped) - 10} more)" if len(unmapped) > 10 else ""))
+    return out
+
+
+def _to_official_name(key: str) -> str:
+    for part in OFFICIAL_KEYS:
+        for src, dst in _OFFICIAL_PREFIXES[part]:
+            if dst and key.startswith(dst):
+                return f"{part}:{src}{key[len(dst):]}"
+    return key
+
+
+def official_state_dict(model) -> dict:
+    """Our PPAP model -> a dict in the authors' checkpoint format (inverse of map_official_keys)."""
+    sd = model.state_dict()
+    out = {part: {} for part in OFFICIAL_KEYS}
+    for k, v in sd.items():
+        for part in OFFICIAL_KEYS:
+            hit = [(s, d) for s, d in _OFFICIAL_PREFIXES[part] if k.startswith(d)]
+            if hit:
+                src, dst = hit[0]
+                out[part][src + k[len(dst):]] = v.detach().clone()
+                break
+        else:
+            raise EvalError(f"model key {k!r} has no counterpart in the authors' format")
+    return out
+
+
+def _torch_load(path: str, trust: bool = False):
+    if not os.path.exists(path):
+        raise _error(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise _error(f"expected a checkpoint file, got a directory: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as e:  # truncated / not a torch file / disallowed pickle
+        msg = " ".join(str(e).split())[:200]
+        hint = "" if trust or "weights_only" not in msg.lower() else \
+            " (it holds non-tensor objects; rerun with --trust-pickle if you trust the file)"
+        raise _error(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}{hint}") from None
+
+
+def _build_bare_model(arch: str, patch: int, n_classes: int):
+    """A PPAP model of the given architecture, randomly initialised (no weight download)."""
+    import ppap
+    if arch not in ppap.ARCHS:
+        raise _error(f"unknown --arch {arch!r}; choose one of {', '.join(ppap.ARCHS)}")
+    return ppap.PPAP(ppap.ARCHS[arch](patch), n_classes)
+
+
+def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes: int | None = None,
+                  trust: bool = False):
+    """Load an authors' released checkpoint (.pth) into our PPAP model (strict).
+
+    ``n_classes`` defaults to the number of rows of the linear probe.  Errors
+    (missing file, not a dict, corrupt/truncated file, missing or unexpected
+    keys, shape mismatch) raise a one-line ppap.PPAPError / EvalError.
+    """
+    ckpt = _torch_load(path, trust=trust)
+    try:
+        sd = map_official_keys(ckpt)
+    except EvalError as e:
+        raise _error(f"{path}: {e}") from None
+    w = sd.get("linear_probe.weight")
+    if w is None or not hasattr(w, "shape") or len(w.shape) != 4:
+        raise _error(f"{path}: linear_model_state_dict.weight missing or not [C, D, 1, 1]")
+    ck_classes = int(w.shape[0])
+    if n_classes is None:
+        n_classes = ck_classes
+    elif int(n_classes) != ck_classes:
+        raise _error(f"{path}: checkpoint has {ck_classes} classes, the data set has {n_classes}")
+    model = _build_bare_model(arch, patch, n_classes)
+    pe = sd.get("backbone.pos_embed")
+    if hasattr(pe, "shape") and pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == model.dim \
+            and pe.shape != model.backbone.pos_embed.shape:  # trained at another resolution: keep its grid
+        model.backbone.pos_embed = torch.nn.Parameter(torch.zeros_like(pe))
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append("missing key(s): " + ", ".join(_to_official_name(k) for k in missing[:8])
+                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append("unexpected key(s): " + ", ".join(_to_official_name(k) for k in unexpected[:8])
+                         + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+        raise _error(f"{path} does not match {arch}/{patch}: " + "; ".join(parts) + " (check --arch/--patch)")
+    bad = [f"{_to_official_name(k)} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+           for k in own if hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise _error(f"{path} does not match {arch}/{patch}: shape mismatch: " + ", ".join(bad[:4])
+                     + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "") + " (check --arch/--patch)")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except Exception as e:
+        raise _error(f"{path}: cannot load weights: " + " ".join(str(e).split())[:300]) from None
+    model.eval()
+    return model
+
+
+# ==== PLOTS (PIL only) ====
+
+def palette(n: int) -> np.ndarray:
+    """Fixed, deterministic palette: [n, 3] uint8, well-separated hues (golden-ratio steps)."""
+    import colorsys
+    cols = []
+    for i in range(n):
+        h = (i * 0.618033988749895) % 1.0
+        s = (0.95, 0.55, 0.8)[(i // 3) % 3] if i >= 3 else 0.9
+        v = (0.95, 0.7, 0.5)[(i // 9) % 3] if i >= 9 else 0.95
+        cols.append([int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v)])
+    return np.asarray(cols, dtype=np.uint8).reshape(n, 3)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # old Pillow: bitmap font only
+        return ImageFont.load_default()
+
+
+def _text_size(draw, text, font):
+    l, t, r, b = draw.textbbox((0, 0), text, font=font)
+    return r - l, b - t
+
+
+def plot_confusion(conf, row_names, col_names, path, title=""):
+    """Row-normalised confusion matrix as a heatmap PNG with class names on both axes.
+
+    conf[r, c]: pixels of true class r predicted as column c (already reordered).
+    """
+    from PIL import Image, ImageDraw
+    conf = np.asarray(conf, dtype=np.float64)
+    R, Cc = conf.shape
+    norm = conf / np.maximum(conf.sum(axis=1, keepdims=True), 1)
+    cell = int(max(14, min(40, 720 // max(R, Cc, 1))))
+    font = _font(max(10, min(14, cell - 3)))
+    tfont = _font(16)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rw = max([_text_size(probe, n, font)[0] for n in row_names] + [10])
+    cw = max([_text_size(probe, n, font)[0] for n in col_names] + [10])
+    th = _text_size(probe, title or "X", tfont)[1]
+    axis_h = _text_size(probe, "X", font)[1]
+    left = rw + 14 + axis_h + 6
+    top = 10 + th + 10 + axis_h + 6 + cw + 8
+    W = max(left + Cc * cell + 20, _text_size(probe, title, tfont)[0] + 20 if title else 0)
+    H = top + R * cell + 20
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    if title:
+        d.text((10, 8), title, fill="black", font=tfont)
+    d.text((left, 10 + th + 10), "predicted", fill=(60, 60, 60), font=font)
+    # rotated y axis title
+    lab = Image.new("RGB", _text_size(probe, "true class", font), "white")
+    ImageDraw.Draw(lab).text((0, -probe.textbbox((0, 0), "true class", font=font)[1]), "true class",
+                             fill=(60, 60, 60), font=font)
+    lab = lab.rotate(90, expand=True)
+    img.paste(lab, (6, top + max(0, (R * cell - lab.height) // 2)))
+    for r in range(R):
+        for c in range(Cc):
+            v = float(norm[r, c])
+            col = (int(255 - v * (255 - 8)), int(255 - v * (255 - 48)), int(255 - v * (255 - 107)))
+            x0, y0 = left + c * cell, top + r * cell
+            d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=col, outline=(190, 190, 190))
+            if cell >= 30 and v > 0:
+                t = f"{100 * v:.0f}" if 100 * v >= 0.5 else "<1"
+                tw, tht = _text_size(d, t, font)
+                d.text((x0 + (cell - tw) / 2, y0 + (cell - tht) / 2 - 2), t,
+                       fill="white" if v > 0.5 else "black", font=font)
+    for r, n in enumerate(row_names):
+        tw, tht = _text_size(d, n, font)
+        d.text((left - 6 - tw, top + r * cell + (cell - tht) / 2 - 2), n, fill="black", font=font)
+    for c, n in enumerate(col_names):
+        tw, tht = _text_size(probe, n, font)
+        lab = Image.new("RGB", (tw + 2, tht + 6), "white")
+        ImageDraw.Draw(lab).text((0, -probe.textbbox((0, 0), n, font=font)[1] + 1), n, fill="black", font=font)
+        lab = lab.rotate(90, expand=True)
+        img.paste(lab, (left + c * cell + (cell - lab.width) // 2, top - 6 - lab.height))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _colorize(lbl: np.ndarray, pal: np.ndarray) -> np.ndarray:
+    out = np.zeros(lbl.shape + (3,), dtype=np.uint8)  # ignore / unmatched: black
+    ok = (lbl >= 0) & (lbl < len(pal))
+    out[ok] = pal[lbl[ok]]
+    return out
+
+
+def plot_examples(examples, class_names, cluster_assignment, path, tile=160, crf=False):
+    """Grid PNG: one row per example; columns image / ground truth / cluster (Hungarian
+    mapped to classes) / linear [/ cluster+CRF / linear+CRF]; fixed palette, legend below.
+
+    cluster_assignment: cluster -> class list, or {probe: list} to map 'cluster' and
+    'cluster_crf' each with its own matching."""
+    from PIL import Image, ImageDraw
+    C = len(class_names)
+    pal = palette(C)
+    if not isinstance(cluster_assignment, dict):
+        cluster_assignment = {"cluster": cluster_assignment, "cluster_crf": cluster_assignment}
+    amaps = {k: np.asarray(list(v), dtype=np.int64) for k, v in cluster_assignment.items()}
+    amap = amaps["cluster"]
+    cols = [("image", None), ("ground truth", "label"), ("cluster (matched)", "cluster"), ("linear", "linear")]
+    if crf and examples and "cluster_crf" in examples[0]:
+        cols += [("cluster + CRF", "cluster_crf"), ("linear + CRF", "linear_crf")]
+    font = _font(13)
+    head = 24
+    n = len(examples)
+    pad = 4
+    W = len(cols) * (tile + pad) + pad
+    present = {int(v) for ex in examples for v in np.unique(ex["label"]) if 0 <= v < C}
+    for _, key in cols[2:]:
+        am = amaps.get(key, amap) if key.startswith("cluster") else np.arange(C)
+        present |= {int(am[v]) for ex in examples for v in np.unique(ex[key]) if 0 <= v < len(am) and am[v] >= 0}
+    present = sorted(present)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    entries = [(pal[c], class_names[c]) for c in present] + [((0, 0, 0), "ignore / unmatched")]
+    ew = [18 + _text_size(probe, name, font)[0] + 14 for _, name in entries]
+    lines, x = 1, pad
+    for w in ew:
+        if x + w > W - pad:
+            lines, x = lines + 1, pad
+        x += w
+    legend_h = lines * 20 + 8
+    H = head + n * (tile + pad) + pad + legend_h
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    for j, (name, _) in enumerate(cols):
+        d.text((pad + j * (tile + pad) + 2, 5), name, fill="black", font=font)
+    for i, ex in enumerate(examples):
+        y = head + i * (tile + pad)
+        for j, (_, key) in enumerate(cols):
+            if key is None:
+                arr = ex["image"]
+                im = Image.fromarray(arr).resize((tile, tile), Image.BILINEAR)
+            else:
+                lbl = np.asarray(ex[key]).astype(np.int64)
+                if key.startswith("cluster"):
+                    am = amaps.get(key, amap)
+                    m = np.full(lbl.shape, -1, dtype=np.int64)
+                    ok = (lbl >= 0) & (lbl < len(am))
+                    m[ok] = am[lbl[ok]]
+                    lbl = m
+                im = Image.fromarray(_colorize(lbl, pal)).resize((tile, tile), Image.NEAREST)
+            img.paste(im, (pad + j * (tile + pad), y))
+    x, y = pad, head + n * (tile + pad) + pad
+    for (colr, name), w in zip(entries, ew):
+        if x + w > W - pad:
+            x, y = pad, y + 20
+        d.rectangle([x, y + 3, x + 13, y + 16], fill=tuple(int(c) for c in colr), outline=(120, 120, 120))
+        d.text((x + 18, y + 2), name, fill="black", font=font)
+        x += w
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path
+
+
+# ==== REPORTING ====
+
+def _nan_to_none(x):
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def _fmt(v, w=7):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a".rjust(w)
+    return f"{v:{w}.2f}"
+
+
+def git_commit(repo: str = REPO_DIR):
+    try:
+        r = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "-q", "HEAD"], capture_output=True,
+                           text=True, timeout=10)
+        sha = r.stdout.strip()
+        if r.returncode != 0 or not sha:
+            return None
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return None
+
+
+def format_table(res: dict, class_names) -> str:
+    """Printed table: mIoU/Acc per probe (and CRF), then per-class IoU."""
+    probes = {k: probe_results(res, k) for k in PROBES if probe_results(res, k) is not None}
+    lines = [f"{'probe':<10}{'CRF':<5}{'mIoU':>8}{'Acc':>8}"]
+    for k, r in probes.items():
+        lines.append(f"{k.split('_')[0]:<10}{'yes' if k.endswith('crf') else 'no':<5}"
+                     f"{_fmt(r['mIoU'], 8)}{_fmt(r['Acc'], 8)}")
+    w = max([len(n) for n in class_names] + [13]) + 2
+    lines.append("")
+    lines.append("per-class IoU".ljust(w) + "".join(f"{k:>13}" for k in probes))
+    for c, n in enumerate(class_names):
+        lines.append(f"{n:<{w}}" + "".join(f"{_fmt(r['IoU'][c], 13)}" for r in probes.values()))
+    if any("IoU_extra" in r for r in probes.values()):
+        lines.append(f"{'(extra)':<{w}}" + "".join(
+            _fmt(r["IoU_extra"], 13) if "IoU_extra" in r else " " * 13 for r in probes.values()))
+    return "\n".join(lines)
+
+
+def _selection_label(ckpt: dict, path: str) -> str:
+    sel = ckpt.get("selection") if isinstance(ckpt, dict) else None
+    if isinstance(sel, str) and sel:
+        return sel
+    base = os.path.basename(str(path)).lower()
+    if base.startswith("best"):
+        return "best-on-val"
+    return "last"
+
+
+def write_outputs(res: dict, class_names, out_dir: str, meta: dict, crf: bool) -> dict:
+    """<out>/metrics.json + confusion_<probe>.png + examples.png; returns the JSON dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    C = len(class_names)
+    metrics, pngs = {}, {}
+    for k in PROBES:
+        r = probe_results(res, k)
+        if r is None:
+            continue
+        metrics[k] = {
+            "mIoU": r["mIoU"], "Acc": r["Acc"],
+            "IoU": {class_names[c]: r["IoU"][c] for c in range(C)},
+            "assignment": r["assignment"],
+            "confusion": r["confusion"],
+        }
+        if "IoU_extra" in r:
+            metrics[k]["IoU_extra"] = r["IoU_extra"]
+        matched = np.asarray(r["matched"])[:C]  # drop the all-zero "extra" row, if any
+        col_names = list(class_names) + (["extra"] if matched.shape[1] > C else [])
+        kind = "cluster (Hungarian-matched)" if k.startswith("cluster") else "linear"
+        title = (f"{kind}{' + CRF' if k.endswith('crf') else ''}: mIoU {_fmt(r['mIoU'], 0).strip()}, "
+                 f"Acc {_fmt(r['Acc'], 0).strip()}  (rows normalised, %)")
+        pngs[k] = os.path.basename(plot_confusion(matched, list(class_names), col_names,
+                                                  os.path.join(out_dir, f"confusion_{k}.png"), title))
+    if res.get("examples"):
+        pngs["examples"] = os.path.basename(plot_examples(
+            res["examples"], class_names,
+            {k: res[f"{k}_assignment"] for k in ("cluster", "cluster_crf") if f"{k}_assignment" in res},
+            os.path.join(out_dir, "examples.png"), crf=crf))
+    doc = dict(meta)
+    doc.update({"crf": bool(crf), "n_images": res["n_images"], "class_names": list(class_names),
+                "summary": {f"{k}/{m}": metrics[k][m] for k in metrics for m in ("mIoU", "Acc")},
+                "metrics": metrics, "pngs": pngs})
+    doc = _nan_to_none(doc)
+    tmp = os.path.join(out_dir, "metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    return doc
+
+
+# ==== SUMMARIZE ====
+
+def _flatten(d, prefix="", out=None):
+    """Numeric leaves of a nested dict as {'a/b/c': float} (bools and None skipped)."""
+    out = {} if out is None else out
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            _flatten(v, key + "/", out)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def _run_metrics(run: str) -> tuple:
+    """(source path, flat {metric: value}) for one run dir (metrics.json, else last log.jsonl entry)."""
+    cands = [run] if run.endswith(".json") else [os.path.join(run, "metrics.json"),
+                                                 os.path.join(run, "eval", "metrics.json")]
+    for p in cands:
+        if os.path.isfile(p):
+            try:
+                with open(p) as f:
+                    doc = json.load(f)
+            except (OSError, ValueError) as e:
+                raise _error(f"cannot read {p}: {e}") from None
+            flat = {}
+            for probe, m in (doc.get("metrics") or {}).items():
+                if not isinstance(m, dict):
+                    continue
+                for key in ("mIoU", "Acc", "IoU_extra"):
+                    if key in m:
+                        flat[f"{probe}/{key}"] = float("nan") if m[key] is None else float(m[key])
+                for cname, v in (m.get("IoU") or {}).items():
+                    flat[f"{probe}/IoU/{cname}"] = float("nan") if v is None else float(v)
+            if not flat:
+                raise _error(f"{p} holds no metrics")
+            return p, flat
+    log = os.path.join(run, "log.jsonl")
+    if not os.path.isfile(log):
+        if not os.path.exists(run):
+            raise _error(f"run not found: {run}")
+        raise _error(f"{run}: neither metrics.json nor log.jsonl found")
+    entries = []
+    with open(log) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    continue  # a half-written last line
+    entries = [e for e in entries if isinstance(e, dict)]
+    if not entries:
+        raise _error(f"{log} has no entries")
+    with_val = [e for e in entries if any("miou" in k.lower() for k in _flatten(e))]
+    last = (with_val or entries)[-1]
+    flat = {}
+    for k, v in _flatten(last).items():   # ppap.py logs 'cluster_mIoU'; metrics.json gives 'cluster/mIoU'
+        for p in sorted(PROBES, key=len, reverse=True):
+            if k.startswith(p + "_"):
+                k = p + "/" + k[len(p) + 1:]
+                break
+        flat[k] = v
+    if not flat:
+        raise _error(f"{log}: last entry holds no numbers")
+    return log, flat
+
+
+def summarize(runs) -> dict:
+    """Mean and sample std (ddof=1; 0 for a single run) over runs of every metric."""
+    per_run = [(r, *_run_metrics(r)) for r in runs]
+    keys = []
+    for _, _, flat in per_run:
+        keys += [k for k in flat if k not in keys]
+    out = {}
+    for k in keys:
+        vals = np.array([flat[k] for _, _, flat in per_run if k in flat], dtype=np.float64)
+        vals = vals[~np.isnan(vals)]
+        n = int(vals.size)
+        out[k] = {"mean": float(vals.mean()) if n else float("nan"),
+                  "std": float(vals.std(ddof=1)) if n > 1 else (0.0 if n == 1 else float("nan")),
+                  "n": n}
+    return {"runs": [r for r, _, _ in per_run], "sources": [s for _, s, _ in per_run],
+            "std": "sample standard deviation (ddof=1) over runs", "metrics": out}
+
+
+def format_summary(summary: dict) -> str:
+    w = max([len(k) for k in summary["metrics"]] + [6]) + 2
+    lines = [f"{len(summary['runs'])} run(s): " + ", ".join(summary["runs"]),
+             f"{'metric':<{w}}{'mean':>8}   {'std':>6}  n"]
+    for k, v in summary["metrics"].items():
+        lines.append(f"{k:<{w}}{_fmt(v['mean'], 8)} ± {_fmt(v['std'], 6)}  {v['n']}")
+    return "\n".join(lines)
+
+
+# ==== CLI ====
+
+def _pick_device(name: str) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise _error(f"unknown device: {name}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _error(f"device {name} requested but CUDA is not available")
+    return dev
+
+
+def _val_loader(cfg, limit: int, batch_size: int, num_workers: int, pin_memory: bool = False):
+    import ppap
+    try:
+        ds = ppap.build_dataset(cfg, "val")
+    except _user_errors():
+        raise
+    except (FileNotFoundError, NotADirectoryError, OSError) as e:
+        raise _error(f"cannot load {cfg.data} val data from {getattr(cfg, 'data_dir', '?')}: {e}") from None
+    n = len(ds)
+    if n == 0:
+        raise _error(f"no val images found for {cfg.data} in {getattr(cfg, 'data_dir', '?')}")
+    names = list(getattr(ds, "class_names", None) or [str(i) for i in range(ds.n_classes)])
+    n_classes = int(ds.n_classes)
+    if limit and limit > 0:
+        ds = torch.utils.data.Subset(ds, list(range(min(limit, n))))
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         drop_last=False, pin_memory=pin_memory)
+    return loader, names, n_classes
+
+
+def _cfg_replace(cfg, **kw):
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if dataclasses.is_dataclass(cfg):
+        fields = {f.name for f in dataclasses.fields(cfg)}
+        return dataclasses.replace(cfg, **{k: v for k, v in kw.items() if k in fields})
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _cfg_dict(cfg):
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg))
+
+
+def _evaluate_cli(args) -> int:
+    try:
+        import ppap
+    except Exception as e:
+        raise EvalError(f"cannot import ppap.py: {type(e).__name__}: {e}") from None
+    t0 = time.time()
+    device = _pick_device(args.device)
+    dense_crf = load_crf(device) if args.crf else None  # fail fast, before loading anything
+    if args.run:
+        if not os.path.exists(args.run):
+            raise _error(f"run not found: {args.run}")
+        try:
+            model, cfg, ckpt = ppap.load_run(args.run)
+        except _user_errors():
+            raise
+        except Exception as e:
+            raise _error(f"cannot load run {args.run}: {type(e).__name__}: "
+                         + " ".join(str(e).split())[:200]) from None
+        ckpt_path = args.run
+        if os.path.isdir(args.run):
+            ckpt_path = ckpt.get("path") if isinstance(ckpt, dict) and ckpt.get("path") else \
+                os.path.join(args.run, "last.pt")
+        selection = _selection_label(ckpt if isinstance(ckpt, dict) else {}, ckpt_path)
+        cfg = _cfg_replace(cfg, data=args.data, data_dir=args.data_dir)
+        kind = "run"
+        ck_names = ckpt.get("class_names") if isinstance(ckpt, dict) else None
+        ck_git = ckpt.get("git") if isinstance(ckpt, dict) else None
+        step = ckpt.get("step") if isinstance(ckpt, dict) else None
+        if os.path.isdir(args.run):
+            out_dir = args.out or os.path.join(args.run, "eval")
+            best = os.path.join(args.run, "best_on_val.pt")
+            if os.path.exists(best):
+                print(f"note: evaluating last.pt; the best-on-val checkpoint is {best} (--run {best})")
+        else:
+            stem = os.path.splitext(os.path.basename(args.run))[0]
+            out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.run)),
+                                               "eval" if stem == "last" else f"eval_{stem}")
+    else:
+        # the checkpoint first: its errors do not depend on the data being there
+        model = load_official(args.official, args.arch, args.patch, n_classes=None, trust=args.trust_pickle)
+        over = {"data": args.data or "cocostuff", "arch": args.arch, "patch": args.patch}
+        if args.data_dir:
+            over["data_dir"] = args.data_dir
+        cfg = ppap.make_config(over)
+        ckpt_path, selection, kind, ck_names, ck_git, step = args.official, "authors-release", "official", \
+            None, None, None
+        out_dir = args.out or os.path.join("runs", "eval_" + os.path.splitext(os.path.basename(args.official))[0])
+    loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size, args.num_workers,
+                                           pin_memory=device.type == "cuda")
+    if int(model.n_classes) != n_classes:
+        raise _error(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
+    if ck_names and len(ck_names) == n_classes:
+        names = list(ck_names)
+    model = model.to(device)
+    # AMP: as the run was trained / as the authors evaluate (autocast on), CUDA only; --amp/--no-amp override
+    amp = args.amp if args.amp is not None else (kind == "official" or bool(getattr(cfg, "amp", False)))
+    amp = bool(amp) and device.type == "cuda"
+    if amp:
+        amp = getattr(cfg, "amp_dtype", "fp16") if kind == "run" else "fp16"
+    res = evaluate_model(model, loader, device, crf=args.crf, amp=amp, n_examples=args.n_examples,
+                         dense_crf=dense_crf, desc=f"eval {cfg.data}")
+    meta = {
+        "checkpoint": os.path.abspath(ckpt_path), "kind": kind, "selection": selection, "step": step,
+        "config": _cfg_dict(cfg), "data": cfg.data, "limit": args.limit or None,
+        "git_commit": git_commit(), "checkpoint_git": ck_git, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "amp": amp, "batch_size": args.batch_size,
+        "seconds": None,
+    }
+    meta["seconds"] = round(time.time() - t0, 2)
+    doc = write_outputs(res, names, out_dir, meta, crf=args.crf)
+    print(f"{kind} {ckpt_path} ({selection}) on {cfg.data} val, {res['n_images']} images, device {device}")
+    print(format_table(res, names))
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and "
+          + ", ".join(doc["pngs"].values()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate PPAP checkpoints (SPEC section 5).")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", help="run directory or checkpoint .pt of ours")
+    g.add_argument("--official", help="authors' released checkpoint (.pth)")
+    g.add_argument("--summarize", nargs="+", metavar="RUN", help="mean ± std over runs (seeds)")
+    p.add_argument("--data", default=None, help="data set (default: the run's; cocostuff for --official)")
+    p.add_argument("--data-dir", default=None, help="data root (default: the run's / $PPAP_DATA)")
+    p.add_argument("--arch", default="vit_small", help="backbone for --official")
+    p.add_argument("--patch", type=int, default=8, help="patch size for --official")
+    p.add_argument("--crf", action="store_true", help="also report dense-CRF refined scores")
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N val images (0: all; the run's --val-limit is not used)")
+    p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: min(4, cores))")
+    p.add_argument("--n-examples", type=int, default=4, help="images in examples.png")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast on CUDA (default: the run's setting; on for --official, as the authors)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow arbitrary pickled objects in --official checkpoints (trusted files only)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.summarize:
+            s = summarize(args.summarize)
+            print(format_summary(s))
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                path = os.path.join(args.out, "summary.json")
+                with open(path, "w") as f:
+                    json.dump(_nan_to_none(s), f, indent=1)
+                print(f"wrote {path}")
+            return 0
+        if args.batch_size < 1:
+            raise _error("--batch-size must be >= 1")
+        return _evaluate_cli(args)
+    except _user_errors() as e:
+        msg = " ".join(str(e).split())
+        if msg.startswith("CRF unavailable"):
+            print(msg, file=sys.stderr)
+        else:
+            print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
