@@ -993,7 +993,10 @@ def ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau
     per_group = anchor_loss.view(n_groups, A).sum(1) / has_pos.view(n_groups, A).sum(1).clamp(min=1)
     stats = {"positives": n_pos.view(n_groups, A).mean(1).mean().item(),
              "negatives": n_neg.view(n_groups, A).mean(1).mean().item()}
-    return per_group.mean(), stats
+    loss = per_group.mean()
+    if z.requires_grad and not loss.requires_grad:     # no anchor had a positive: a zero that still backprops
+        loss = loss + 0 * z.sum()
+    return loss, stats
 
 
 # ==== TRAINING ====
