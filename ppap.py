@@ -79,6 +79,8 @@ class Config:
     val_every: int = 100               # steps between validations (0 = only at the end)
     val_limit: int = 0                 # validate on at most this many images (0 = all)
     select_on_val: bool = False        # also keep best_on_val.pt, chosen on the labelled val set (authors)
+    imagenet_s_classes: int = 50       # ImageNet-S variant: 50 | 300 | 919
+    crop_workers: int = 0              # processes building the five-crop cache (0 = all cores)
     progress: bool = True              # tqdm progress bars
 
 
@@ -624,11 +626,8 @@ def imagenet_s_pairs(data_dir, split, n=50):
 
 
 def _imagenet_s_variant(cfg):
-    """50, 300 or 919: cfg.imagenet_s_classes if the Config has it, else a suffix of cfg.data
-    ('imagenet-s300'), else $IMAGENET_S (as for download.sh), else 50."""
-    suffix = str(cfg.data)[len("imagenet-s"):]
-    n = (getattr(cfg, "imagenet_s_classes", None) or (suffix if suffix else None)
-         or os.environ.get("IMAGENET_S") or 50)
+    """50, 300 or 919 (--imagenet-s-classes)."""
+    n = cfg.imagenet_s_classes
     if str(n) not in ("50", "300", "919"):
         raise PPAPError(f"ImageNet-S has 50, 300 or 919 classes, not {n}")
     return int(n)
@@ -645,9 +644,9 @@ def build_real_dataset(cfg: Config, split: str):
         raise PPAPError(f"split must be 'train' or 'val', not {split!r}")
     name, data_dir = str(cfg.data), str(cfg.data_dir)
     size = int(cfg.img_size if split == "train" else cfg.val_size)
-    workers = int(getattr(cfg, "crop_workers", 0) or 0) or (
+    workers = cfg.crop_workers or (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    progress = bool(getattr(cfg, "progress", True))
+    progress = cfg.progress
     if name == "cocostuff":
         pairs, n, names = cocostuff_pairs(data_dir, split), 27, COCOSTUFF27_CLASS_NAMES
     elif name == "cityscapes":
@@ -1068,8 +1067,8 @@ def make_loader(cfg: Config, dataset, shuffle: bool, epoch: int = 0, skip: int =
 def validate(model: PPAP, loader, device, cfg: Config) -> dict:
     """Periodic validation without CRF: unsupervised (Hungarian) and linear mIoU/accuracy via eval.py."""
     from eval import evaluate_model
-    return evaluate_model(model, loader, device, crf=False, amp=amp_enabled(cfg, device),
-                          progress=cfg.progress)
+    return evaluate_model(model, loader, device, crf=False,
+                          amp=cfg.amp_dtype if amp_enabled(cfg, device) else False, progress=cfg.progress)
 
 
 def amp_enabled(cfg: Config, device) -> bool:
@@ -1105,8 +1104,8 @@ def train_step(model, batch, opts, scaler, cfg: Config, device):
             "grad_norm": float(gnorm), **st}
 
 
-def checkpoint_state(model, opts, scaler, cfg, step, dataset, best=None):
-    return {"model": model.state_dict(), "optim": {k: o.state_dict() for k, o in opts.items()},
+def checkpoint_state(model, opts, scaler, cfg, step, dataset, best=None, selection="last"):
+    return {"selection": selection, "model": model.state_dict(), "optim": {k: o.state_dict() for k, o in opts.items()},
             "scaler": scaler.state_dict(), "step": step, "config": asdict(cfg),
             "n_classes": dataset.n_classes, "class_names": list(dataset.class_names), "git": git_commit(),
             "best": best, "rng": {"torch": torch.get_rng_state(),
@@ -1203,7 +1202,7 @@ def train(cfg: Config) -> dict:
     def run_validation():
         nonlocal best
         metrics = validate(model, val_loader, device, cfg)
-        record = {"step": step, **{k: v for k, v in metrics.items() if not isinstance(v, list)}}
+        record = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, float)}}
         with open(log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         print(f"[val step {step}] " + "  ".join(f"{k} {v:.2f}" for k, v in record.items()
@@ -1212,7 +1211,7 @@ def train(cfg: Config) -> dict:
             score = sum(record.get(k, 0) for k in ("cluster_mIoU", "cluster_Acc", "linear_mIoU", "linear_Acc"))
             if best is None or score >= best["score"]:
                 best = {"score": score, "step": step}
-                atomic_save(checkpoint_state(model, opts, scaler, cfg, step, train_set, best),
+                atomic_save(checkpoint_state(model, opts, scaler, cfg, step, train_set, best, "best-on-val"),
                             os.path.join(cfg.run, "best_on_val.pt"))
         model.train()
         return metrics

@@ -1,7 +1,6 @@
 """Real-dataset loaders (issue 5): tiny fake datasets in the exact on-disk layouts."""
 import os
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -111,7 +110,7 @@ def cfg(data, data_dir, **kw):
     c = dict(data=data, data_dir=str(data_dir), img_size=224, val_size=320, num_workers=0, crop_workers=1,
              progress=False)
     c.update(kw)
-    return types.SimpleNamespace(**c)
+    return D.Config(**c)
 
 
 # ---------------------------------------------------------------- fake trees
@@ -432,7 +431,7 @@ def test_potsdam(tmp_path, float_img):
 
 def test_imagenet_s(tmp_path):
     wnids, made = make_imagenet_s(tmp_path, n=300)
-    ds = D.build_real_dataset(cfg('imagenet-s300', tmp_path), 'val')
+    ds = D.build_real_dataset(cfg('imagenet-s', tmp_path, imagenet_s_classes=300), 'val')
     assert ds.n_classes == 301 and ds.class_names[0] == 'background' and ds.class_names[1:] == wnids
     assert len(ds) == 2
     for j, (split, w, stem, ids) in enumerate([m for m in made if m[0] == 'validation']):
@@ -442,7 +441,7 @@ def test_imagenet_s(tmp_path):
         torch.testing.assert_close(item['img'], ref_img(ref_resize_crop(img, 320)), rtol=0, atol=1e-6)
         assert np.array_equal(item['label'].numpy(), ref_resize_crop(expect, 320))
         assert set(np.unique(item['label'].numpy())) <= {-1, 0, 1, 255, 256, 300}
-    train = D.build_real_dataset(cfg('imagenet-s300', tmp_path), 'train')
+    train = D.build_real_dataset(cfg('imagenet-s', tmp_path, imagenet_s_classes=300), 'train')
     assert len(train) == 2 and train[0]['img'].shape == (3, 224, 224)
     with pytest.raises(D.PPAPError, match='ImageNetS50/validation-segmentation — run: bash download.sh imagenet-s'):
         D.build_real_dataset(cfg('imagenet-s', tmp_path), 'val')   # 'imagenet-s' = ImageNet-S50
