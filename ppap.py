@@ -1055,13 +1055,15 @@ def make_loader(cfg: Config, dataset, shuffle: bool, epoch: int = 0, skip: int =
                 batch_size: int | None = None):
     """Training order is a permutation seeded by (seed, epoch); skip drops the batches a resumed run has seen."""
     bs = batch_size or cfg.batch_size
+    # A private generator: iterating a DataLoader must not draw from the global RNG that anchors and
+    # dropout use, or a resumed run would diverge from an uninterrupted one.
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     if shuffle:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        sampler = order[skip * bs:(len(dataset) // bs) * bs].tolist()
+        sampler = torch.randperm(len(dataset), generator=g)[skip * bs:(len(dataset) // bs) * bs].tolist()
     else:
         sampler = range(len(dataset))
     return torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=cfg.num_workers,
-                                       drop_last=shuffle, pin_memory=torch.cuda.is_available())
+                                       drop_last=shuffle, pin_memory=torch.cuda.is_available(), generator=g)
 
 
 def validate(model: PPAP, loader, device, cfg: Config) -> dict:
@@ -1091,9 +1093,9 @@ def train_step(model, batch, opts, scaler, cfg: Config, device):
         loss_ppap, st = ppap_loss(out["z"], f, anchors, phi0=cfg.phi0, psi0=cfg.psi0, prop_iter=cfg.prop_iter,
                                   sigma_pos=cfg.sigma_pos, sigma_amb=cfg.sigma_amb, tau=cfg.tau, group=cfg.group,
                                   no_ambiguity=cfg.no_ambiguity)
-    else:
-        loss_ppap, st = out["z"].sum() * 0, {"positives": 0.0, "negatives": 0.0}
-    loss = cfg.ppap_weight * loss_ppap + linear + cluster
+    else:   # the baseline: no gradient reaches head/projection, so even weight decay leaves them unchanged
+        loss_ppap, st = torch.zeros(()), {"positives": 0.0, "negatives": 0.0}
+    loss = linear + cluster + (cfg.ppap_weight * loss_ppap if cfg.ppap_weight else 0)
     scaler.scale(loss).backward()
     scaler.unscale_(opts["net"])
     gnorm = nn.utils.clip_grad_norm_(model.head_parameters(), cfg.grad_clip)
