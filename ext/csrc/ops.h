@@ -1,0 +1,59 @@
+// Declarations of the device-specific implementations of the ppap_ext ops.
+// The schemas live in ops_cpu.cpp (TORCH_LIBRARY(ppap_ext, ...)).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace ppap {
+
+// q [B, M, D], keys [B, K, D] (same dtype), 1 <= k <= K.  Raw dot products
+// (the Python front normalises for cosine similarity).  Returns values
+// [B, M, k] (q's dtype, sorted descending) and indices [B, M, k] int64.
+// Similarities are computed on blocks of query_block x key_tile, never for
+// all M x K at once.
+std::tuple<at::Tensor, at::Tensor> topk_neighbors_cpu(const at::Tensor& q, const at::Tensor& keys,
+                                                      int64_t k, int64_t key_tile,
+                                                      int64_t query_block);
+std::tuple<at::Tensor, at::Tensor> topk_neighbors_cuda(const at::Tensor& q, const at::Tensor& keys,
+                                                       int64_t k, int64_t key_tile,
+                                                       int64_t query_block);
+
+// image uint8 [B, H, W, Ci] (contiguous), probs float32 [B, C, H, W].
+// Returns the mean-field marginals Q float32 [B, C, H, W].
+at::Tensor dense_crf_cpu(const at::Tensor& image, const at::Tensor& probs, int64_t iters,
+                         double pos_xy, double pos_w, double bi_xy, double bi_rgb, double bi_w);
+at::Tensor dense_crf_cuda(const at::Tensor& image, const at::Tensor& probs, int64_t iters,
+                          double pos_xy, double pos_w, double bi_xy, double bi_rgb, double bi_w);
+
+// Shared argument checks (throw c10::Error with a one-line message).  Inline
+// because the CPU and CUDA libraries are loaded separately and must not
+// depend on each other's symbols.  The Python front validates user input
+// with friendlier messages; these guard direct torch.ops calls.
+inline void check_topk_args(const at::Tensor& q, const at::Tensor& keys, int64_t k,
+                            int64_t key_tile, int64_t query_block) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3, "ppap_ext::topk_neighbors: expected q [B,M,D] and keys [B,K,D]");
+  TORCH_CHECK(q.size(0) == keys.size(0) && q.size(2) == keys.size(2),
+              "ppap_ext::topk_neighbors: batch or feature sizes differ: q ", q.sizes(), " keys ", keys.sizes());
+  TORCH_CHECK(q.scalar_type() == keys.scalar_type(), "ppap_ext::topk_neighbors: q and keys dtypes differ");
+  TORCH_CHECK(q.device() == keys.device(), "ppap_ext::topk_neighbors: q and keys are on different devices");
+  TORCH_CHECK(k >= 1 && k <= keys.size(1), "ppap_ext::topk_neighbors: need 1 <= k <= K, got k=", k, ", K=", keys.size(1));
+  TORCH_CHECK(key_tile >= 1 && query_block >= 1, "ppap_ext::topk_neighbors: key_tile and query_block must be >= 1");
+}
+
+inline void check_crf_args(const at::Tensor& image, const at::Tensor& probs, int64_t iters) {
+  TORCH_CHECK(image.dim() == 4 && probs.dim() == 4, "ppap_ext::dense_crf: expected image [B,H,W,Ci] and probs [B,C,H,W]");
+  TORCH_CHECK(image.scalar_type() == at::kByte, "ppap_ext::dense_crf: image must be uint8");
+  TORCH_CHECK(probs.scalar_type() == at::kFloat, "ppap_ext::dense_crf: probs must be float32");
+  TORCH_CHECK(image.device() == probs.device(), "ppap_ext::dense_crf: image and probs are on different devices");
+  TORCH_CHECK(image.size(0) == probs.size(0) && image.size(1) == probs.size(2) && image.size(2) == probs.size(3),
+              "ppap_ext::dense_crf: image ", image.sizes(), " and probs ", probs.sizes(), " disagree on batch/height/width");
+  TORCH_CHECK(image.size(3) >= 1 && image.size(3) + 2 <= 10, "ppap_ext::dense_crf: image must have 1..8 channels");
+  TORCH_CHECK(probs.size(1) >= 1, "ppap_ext::dense_crf: need at least one class");
+  TORCH_CHECK(image.size(1) * image.size(2) * (image.size(3) + 3) < (int64_t(1) << 31),
+              "ppap_ext::dense_crf: image too large for 32-bit lattice indices");
+  TORCH_CHECK(iters >= 0, "ppap_ext::dense_crf: iters must be >= 0");
+}
+
+}  // namespace ppap

@@ -1,0 +1,132 @@
+// Batched top-k neighbours on the CPU without materialising M x K.
+//
+// For each block of queries, similarities are computed one key tile at a time
+// with at::mm (multi-threaded BLAS), and every query keeps a size-k min-heap of
+// its best candidates so far (threads split the queries of the block).
+// Memory: O(query_block * key_tile + M * k).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "ops.h"
+
+namespace ppap {
+namespace {
+
+// Min-heap over (value, index) stored in two parallel arrays of capacity k.
+// Only strictly larger values displace the minimum, so among exact ties the
+// earliest key seen (the lowest index) is kept.
+struct HeapView {
+  float* val;
+  int64_t* idx;
+  int64_t k;
+
+  void sift_down(int64_t size, int64_t i) {
+    while (true) {
+      const int64_t l = 2 * i + 1, r = l + 1;
+      int64_t smallest = i;
+      if (l < size && val[l] < val[smallest]) smallest = l;
+      if (r < size && val[r] < val[smallest]) smallest = r;
+      if (smallest == i) return;
+      std::swap(val[i], val[smallest]);
+      std::swap(idx[i], idx[smallest]);
+      i = smallest;
+    }
+  }
+
+  void sift_up(int64_t i) {
+    while (i > 0) {
+      const int64_t parent = (i - 1) / 2;
+      if (!(val[i] < val[parent])) return;
+      std::swap(val[i], val[parent]);
+      std::swap(idx[i], idx[parent]);
+      i = parent;
+    }
+  }
+
+  // Offers candidates s[0..n) with indices base + j; `size` is the heap fill.
+  void offer(const float* s, int64_t n, int64_t base, int64_t& size) {
+    int64_t j = 0;
+    for (; j < n && size < k; ++j) {  // fill phase
+      val[size] = s[j];
+      idx[size] = base + j;
+      sift_up(size);
+      ++size;
+    }
+    float threshold = size > 0 ? val[0] : 0.f;
+    for (; j < n; ++j) {  // steady state: almost every candidate fails this test
+      if (s[j] > threshold) {
+        val[0] = s[j];
+        idx[0] = base + j;
+        sift_down(k, 0);
+        threshold = val[0];
+      }
+    }
+  }
+
+  // Writes the heap's content sorted by (value descending, index ascending).
+  void write_sorted(float* out_val, int64_t* out_idx) const {
+    std::vector<int64_t> order(k);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      if (val[a] != val[b]) return val[a] > val[b];
+      return idx[a] < idx[b];
+    });
+    for (int64_t i = 0; i < k; ++i) {
+      out_val[i] = val[order[i]];
+      out_idx[i] = idx[order[i]];
+    }
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_neighbors_cpu(const at::Tensor& q, const at::Tensor& keys,
+                                                      int64_t k, int64_t key_tile,
+                                                      int64_t query_block) {
+  check_topk_args(q, keys, k, key_tile, query_block);
+  const int64_t B = q.size(0), M = q.size(1), K = keys.size(1);
+  at::Tensor values = at::empty({B, M, k}, q.options().dtype(at::kFloat));
+  at::Tensor indices = at::empty({B, M, k}, q.options().dtype(at::kLong));
+
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor qb_all = q[b];
+    const at::Tensor kb_all = keys[b];
+    for (int64_t m0 = 0; m0 < M; m0 += query_block) {
+      const int64_t rows = std::min(query_block, M - m0);
+      const at::Tensor qb = qb_all.narrow(0, m0, rows);
+      std::vector<float> heap_val(rows * k);
+      std::vector<int64_t> heap_idx(rows * k);
+      std::vector<int64_t> heap_size(rows, 0);
+
+      for (int64_t t0 = 0; t0 < K; t0 += key_tile) {
+        const int64_t cols = std::min(key_tile, K - t0);
+        // GEMM outside the parallel region so BLAS can use all threads.
+        const at::Tensor sims =
+            at::mm(qb, kb_all.narrow(0, t0, cols).t()).to(at::kFloat).contiguous();
+        const float* s = sims.data_ptr<float>();
+        at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            HeapView heap{&heap_val[r * k], &heap_idx[r * k], k};
+            heap.offer(s + r * cols, cols, t0, heap_size[r]);
+          }
+        });
+      }
+
+      float* out_val = values[b].data_ptr<float>() + m0 * k;
+      int64_t* out_idx = indices[b].data_ptr<int64_t>() + m0 * k;
+      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          HeapView heap{&heap_val[r * k], &heap_idx[r * k], k};
+          heap.write_sorted(out_val + r * k, out_idx + r * k);
+        }
+      });
+    }
+  }
+  return {values.to(q.scalar_type()), indices};
+}
+
+}  // namespace ppap
