@@ -82,6 +82,7 @@ class Config:
     imagenet_s_classes: int = 50       # ImageNet-S variant: 50 | 300 | 919
     crop_workers: int = 0              # processes building the five-crop cache (0 = all cores)
     progress: bool = True              # tqdm progress bars
+    knn_k: int = 7                     # neighbours per image for `python ppap.py knn`
 
 
 # The authors' presets (SPEC section 4 table), chosen by --data and --arch/--patch.
@@ -998,6 +999,37 @@ def ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau
     return loss, stats
 
 
+# ==== NEIGHBOUR TABLES (STEGO-style kNN image pairs) ====
+
+def knn_table(cfg: Config, split: str = "train", k: int | None = None) -> str:
+    """For every image of the split, its k most similar images (itself first) by the frozen backbone's
+    mean-pooled, normalised final patch features; computed with ext.topk_neighbors (never the full
+    similarity matrix) and cached at <data_dir>/nns/. Returns the cache path ({'indices', 'values'})."""
+    k = k or cfg.knn_k
+    name = f"nns_{cfg.data}_{split}_{cfg.arch}{cfg.patch}_{cfg.img_size if split == 'train' else cfg.val_size}.pt"
+    path = os.path.join(cfg.data_dir, "nns", name)
+    if os.path.exists(path) and torch.load(path, weights_only=True)["indices"].shape[1] >= k + 1:
+        return path
+    from ext import topk_neighbors
+    device = pick_device(cfg.device)
+    dataset = build_dataset(cfg, split)
+    vit = build_backbone(cfg).to(device).eval()
+    feats = []
+    loader = make_loader(cfg, dataset, shuffle=False)
+    if cfg.progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc=f"kNN features ({split})", dynamic_ncols=True)
+    with torch.no_grad(), torch.autocast(device.type, enabled=amp_enabled(cfg, device)):
+        for batch in loader:
+            tokens = vit(batch["img"].to(device, non_blocking=True))[:, 1:]
+            feats.append(F.normalize(tokens.float().mean(1), dim=1))
+    feats = torch.cat(feats)
+    values, indices = topk_neighbors(feats, feats, min(k + 1, len(feats)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_save({"indices": indices.cpu(), "values": values.cpu()}, path)
+    return path
+
+
 # ==== TRAINING ====
 
 def pick_device(name: str) -> torch.device:
@@ -1272,7 +1304,13 @@ def parse_args(argv=None) -> Config:
 
 
 def main(argv=None) -> int:
+    """`python ppap.py [flags]` trains; `python ppap.py knn [flags]` builds the kNN image table."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["knn"]:
+            cfg = parse_args(argv[1:])
+            print(f"kNN table ({cfg.knn_k} neighbours per image): {knn_table(cfg)}")
+            return 0
         train(parse_args(argv))
     except PPAPError as e:
         print(f"error: {e}", file=sys.stderr)

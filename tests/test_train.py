@@ -110,3 +110,21 @@ def test_batch_smaller_than_a_group_is_refused(tmp_path):
     with pytest.raises(ppap.PPAPError, match="anchor group"):
         ppap.train(ppap.make_config({"data": "synthetic", "batch_size": 2, "run": str(tmp_path / "r"),
                                      "progress": False}))
+
+
+def test_knn_table_equals_torch_topk(tmp_path):
+    cfg = ppap.make_config({"data": "synthetic", "data_dir": str(tmp_path), "progress": False,
+                            "num_workers": 0, "knn_k": 5})
+    path = ppap.knn_table(cfg, "val")
+    assert path.startswith(str(tmp_path)) and ppap.knn_table(cfg, "val") == path    # cached
+    table = torch.load(path, weights_only=True)
+    ds = ppap.SyntheticDataset("val", cfg.val_size)
+    vit = ppap.build_backbone(cfg).eval()
+    with torch.no_grad():
+        tokens = vit(torch.stack([ds[i]["img"] for i in range(len(ds))]))[:, 1:]
+        f = torch.nn.functional.normalize(tokens.mean(1), dim=1)
+    values, indices = torch.topk(f @ f.T, 6)
+    assert table["indices"].shape == (len(ds), 6)
+    assert torch.allclose(table["values"], values, atol=1e-5)
+    assert torch.equal(table["indices"][:, 0], torch.arange(len(ds)))              # itself first
+    assert (table["indices"] == indices).float().mean() > 0.99                     # up to near-ties
