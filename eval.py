@@ -7,8 +7,8 @@ Command line
     python eval.py --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [--crf]
     python eval.py --summarize runs/a runs/b runs/c [--out DIR]
 
-Importable API (no side effects on import; ``ppap`` is imported lazily because
-ppap.py itself imports ``scores`` from here):
+Importable API (no side effects on import; imports ppap, which imports this
+module only lazily, inside ``ppap.validate``):
 
     confusion_update(conf, pred, label, n_classes, n_preds) -> conf
     scores(confusion, hungarian) -> dict(mIoU, Acc, IoU, assignment, ...)
@@ -17,6 +17,7 @@ ppap.py itself imports ``scores`` from here):
     load_official(path, arch, patch, n_classes=None) -> PPAP model (eval mode, CPU)
     official_state_dict(model) -> dict in the authors' checkpoint format
     load_crf(device) -> ext.dense_crf, or EvalError("CRF unavailable: ...")
+    EvalError is ppap.PPAPError: a one-line user-facing error (CLI: exit code 2)
 
 Conventions
 -----------
@@ -57,7 +58,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -66,6 +66,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+import ppap
+
 __all__ = [
     "EvalError", "PROBES", "OFFICIAL_KEYS", "confusion_update", "scores", "evaluate_model",
     "probe_results", "load_crf", "image_to_uint8_bgr", "load_official", "official_state_dict",
@@ -73,17 +75,11 @@ __all__ = [
     "format_table", "summarize", "format_summary", "main",
 ]
 
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-
 # Dense-CRF hyper-parameters of the authors (utils/seg_utils.py).
 CRF_ITERS = 10
 CRF_POS_XY, CRF_POS_W = 1, 3
 CRF_BI_XY, CRF_BI_RGB, CRF_BI_W = 67, 3, 4
 CLUSTER_CRF_ALPHA = 2.0  # cluster probs for the CRF: softmax(2 * inner products)
-
-# Used only when ppap.py is not importable (it defines the same constants).
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 OFFICIAL_KEYS = ("net_model_state_dict", "linear_model_state_dict", "cluster_model_state_dict")
 # authors' prefix -> our prefix, per sub-dict
@@ -94,27 +90,9 @@ _OFFICIAL_PREFIXES = {
 }
 
 
-class EvalError(Exception):
-    """One-line user-facing error (used where ppap.PPAPError is not available)."""
-
-
-def _error(msg: str) -> Exception:
-    """ppap.PPAPError(msg) when ppap is importable, else EvalError(msg)."""
-    try:
-        import ppap  # noqa: WPS433 (lazy on purpose: ppap imports eval)
-        return ppap.PPAPError(msg)
-    except Exception:  # ppap missing or broken: still give a clean error
-        return EvalError(msg)
-
-
-def _user_errors() -> tuple:
-    errs = [EvalError]
-    try:
-        import ppap
-        errs.append(ppap.PPAPError)
-    except Exception:
-        pass
-    return tuple(errs)
+# One-line user-facing error: main() prints it as one line and exits with 2.  The name is kept
+# for callers of eval.py; it is ppap's error class, so ppap's and eval's errors are caught alike.
+EvalError = ppap.PPAPError
 
 
 # ==== METRICS ====
@@ -241,14 +219,6 @@ def scores(confusion, hungarian: bool) -> dict:
 
 # ==== CRF ====
 
-def _imagenet_stats():
-    try:
-        import ppap
-        return tuple(ppap.IMAGENET_MEAN), tuple(ppap.IMAGENET_STD)
-    except Exception:
-        return _IMAGENET_MEAN, _IMAGENET_STD
-
-
 def image_to_uint8_bgr(img: torch.Tensor, bgr: bool = True) -> torch.Tensor:
     """Normalised [B,3,H,W] float -> uint8 [B,H,W,3] (BGR by default).
 
@@ -259,12 +229,7 @@ def image_to_uint8_bgr(img: torch.Tensor, bgr: bool = True) -> torch.Tensor:
     as theirs does.  Values are clamped to [0, 255] first, which changes nothing
     for images that came from [0, 1].
     """
-    mean, std = _imagenet_stats()
-    x = img.detach().float()
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    x = x * s
-    x = x + m
+    x = ppap.denormalize(img.detach().float())  # float32: x * std + mean
     x = (x * 255).clamp_(0, 255).to(torch.uint8)
     x = x.permute(0, 2, 3, 1)
     if bgr:
@@ -303,14 +268,6 @@ def _crf_argmax(dense_crf, img_u8, logits):
 
 
 # ==== EVALUATION LOOP ====
-
-def _cluster_inner(model, code):
-    probe = model.cluster_probe
-    if hasattr(probe, "inner"):
-        return probe.inner(code)
-    clusters = F.normalize(probe.clusters, dim=1)
-    return torch.einsum("bchw,kc->bkhw", F.normalize(code, dim=1), clusters.to(code.dtype))
-
 
 def _unpack_batch(batch):
     if isinstance(batch, dict):
@@ -384,7 +341,7 @@ def evaluate_model(model, loader, device, crf=False, amp=False, n_examples: int 
             code = F.interpolate(code, size=label.shape[-2:], mode="bilinear", align_corners=False)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
                 linear_logits = model.linear_probe(code)
-                inner = _cluster_inner(model, code)
+                inner = model.cluster_probe.inner(code)  # cosine scores [B,K,H,W]
             preds = {"linear": linear_logits.argmax(1), "cluster": inner.argmax(1)}
             if crf:
                 img_u8 = image_to_uint8_bgr(img)
@@ -493,24 +450,16 @@ def official_state_dict(model) -> dict:
 
 def _torch_load(path: str, trust: bool = False):
     if not os.path.exists(path):
-        raise _error(f"checkpoint not found: {path}")
+        raise EvalError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
-        raise _error(f"expected a checkpoint file, got a directory: {path}")
+        raise EvalError(f"expected a checkpoint file, got a directory: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:  # truncated / not a torch file / disallowed pickle
         msg = " ".join(str(e).split())[:200]
         hint = "" if trust or "weights_only" not in msg.lower() else \
             " (it holds non-tensor objects; rerun with --trust-pickle if you trust the file)"
-        raise _error(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}{hint}") from None
-
-
-def _build_bare_model(arch: str, patch: int, n_classes: int):
-    """A PPAP model of the given architecture, randomly initialised (no weight download)."""
-    import ppap
-    if arch not in ppap.ARCHS:
-        raise _error(f"unknown --arch {arch!r}; choose one of {', '.join(ppap.ARCHS)}")
-    return ppap.PPAP(ppap.ARCHS[arch](patch), n_classes)
+        raise EvalError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}{hint}") from None
 
 
 def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes: int | None = None,
@@ -519,22 +468,24 @@ def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes:
 
     ``n_classes`` defaults to the number of rows of the linear probe.  Errors
     (missing file, not a dict, corrupt/truncated file, missing or unexpected
-    keys, shape mismatch) raise a one-line ppap.PPAPError / EvalError.
+    keys, shape mismatch) raise a one-line EvalError (= ppap.PPAPError).
     """
     ckpt = _torch_load(path, trust=trust)
     try:
         sd = map_official_keys(ckpt)
     except EvalError as e:
-        raise _error(f"{path}: {e}") from None
+        raise EvalError(f"{path}: {e}") from None
     w = sd.get("linear_probe.weight")
     if w is None or not hasattr(w, "shape") or len(w.shape) != 4:
-        raise _error(f"{path}: linear_model_state_dict.weight missing or not [C, D, 1, 1]")
+        raise EvalError(f"{path}: linear_model_state_dict.weight missing or not [C, D, 1, 1]")
     ck_classes = int(w.shape[0])
     if n_classes is None:
         n_classes = ck_classes
     elif int(n_classes) != ck_classes:
-        raise _error(f"{path}: checkpoint has {ck_classes} classes, the data set has {n_classes}")
-    model = _build_bare_model(arch, patch, n_classes)
+        raise EvalError(f"{path}: checkpoint has {ck_classes} classes, the data set has {n_classes}")
+    if arch not in ppap.ARCHS:
+        raise EvalError(f"unknown --arch {arch!r}; choose one of {', '.join(ppap.ARCHS)}")
+    model = ppap.PPAP(ppap.ARCHS[arch](patch), n_classes)  # random init: no weight download
     pe = sd.get("backbone.pos_embed")
     if hasattr(pe, "shape") and pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == model.dim \
             and pe.shape != model.backbone.pos_embed.shape:  # trained at another resolution: keep its grid
@@ -550,16 +501,16 @@ def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes:
         if unexpected:
             parts.append("unexpected key(s): " + ", ".join(_to_official_name(k) for k in unexpected[:8])
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
-        raise _error(f"{path} does not match {arch}/{patch}: " + "; ".join(parts) + " (check --arch/--patch)")
+        raise EvalError(f"{path} does not match {arch}/{patch}: " + "; ".join(parts) + " (check --arch/--patch)")
     bad = [f"{_to_official_name(k)} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
            for k in own if hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
     if bad:
-        raise _error(f"{path} does not match {arch}/{patch}: shape mismatch: " + ", ".join(bad[:4])
-                     + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "") + " (check --arch/--patch)")
+        raise EvalError(f"{path} does not match {arch}/{patch}: shape mismatch: " + ", ".join(bad[:4])
+                        + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "") + " (check --arch/--patch)")
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
-        raise _error(f"{path}: cannot load weights: " + " ".join(str(e).split())[:300]) from None
+        raise EvalError(f"{path}: cannot load weights: " + " ".join(str(e).split())[:300]) from None
     model.eval()
     return model
 
@@ -741,20 +692,6 @@ def _fmt(v, w=7):
     return f"{v:{w}.2f}"
 
 
-def git_commit(repo: str = REPO_DIR):
-    try:
-        r = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "-q", "HEAD"], capture_output=True,
-                           text=True, timeout=10)
-        sha = r.stdout.strip()
-        if r.returncode != 0 or not sha:
-            return None
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return None
-
-
 def format_table(res: dict, class_names) -> str:
     """Printed table: mIoU/Acc per probe (and CRF), then per-class IoU."""
     probes = {k: probe_results(res, k) for k in PROBES if probe_results(res, k) is not None}
@@ -774,13 +711,10 @@ def format_table(res: dict, class_names) -> str:
 
 
 def _selection_label(ckpt: dict, path: str) -> str:
-    sel = ckpt.get("selection") if isinstance(ckpt, dict) else None
-    if isinstance(sel, str) and sel:
-        return sel
-    base = os.path.basename(str(path)).lower()
-    if base.startswith("best"):
-        return "best-on-val"
-    return "last"
+    """ckpt['selection'] ('last' / 'best-on-val'); older checkpoints without it: from the file name."""
+    if ckpt.get("selection"):
+        return ckpt["selection"]
+    return "best-on-val" if os.path.basename(str(path)).lower().startswith("best") else "last"
 
 
 def write_outputs(res: dict, class_names, out_dir: str, meta: dict, crf: bool) -> dict:
@@ -848,7 +782,7 @@ def _run_metrics(run: str) -> tuple:
                 with open(p) as f:
                     doc = json.load(f)
             except (OSError, ValueError) as e:
-                raise _error(f"cannot read {p}: {e}") from None
+                raise EvalError(f"cannot read {p}: {e}") from None
             flat = {}
             for probe, m in (doc.get("metrics") or {}).items():
                 if not isinstance(m, dict):
@@ -859,13 +793,13 @@ def _run_metrics(run: str) -> tuple:
                 for cname, v in (m.get("IoU") or {}).items():
                     flat[f"{probe}/IoU/{cname}"] = float("nan") if v is None else float(v)
             if not flat:
-                raise _error(f"{p} holds no metrics")
+                raise EvalError(f"{p} holds no metrics")
             return p, flat
     log = os.path.join(run, "log.jsonl")
     if not os.path.isfile(log):
         if not os.path.exists(run):
-            raise _error(f"run not found: {run}")
-        raise _error(f"{run}: neither metrics.json nor log.jsonl found")
+            raise EvalError(f"run not found: {run}")
+        raise EvalError(f"{run}: neither metrics.json nor log.jsonl found")
     entries = []
     with open(log) as f:
         for line in f:
@@ -877,7 +811,7 @@ def _run_metrics(run: str) -> tuple:
                     continue  # a half-written last line
     entries = [e for e in entries if isinstance(e, dict)]
     if not entries:
-        raise _error(f"{log} has no entries")
+        raise EvalError(f"{log} has no entries")
     with_val = [e for e in entries if any("miou" in k.lower() for k in _flatten(e))]
     last = (with_val or entries)[-1]
     flat = {}
@@ -888,7 +822,7 @@ def _run_metrics(run: str) -> tuple:
                 break
         flat[k] = v
     if not flat:
-        raise _error(f"{log}: last entry holds no numbers")
+        raise EvalError(f"{log}: last entry holds no numbers")
     return log, flat
 
 
@@ -921,29 +855,14 @@ def format_summary(summary: dict) -> str:
 
 # ==== CLI ====
 
-def _pick_device(name: str) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise _error(f"unknown device: {name}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _error(f"device {name} requested but CUDA is not available")
-    return dev
-
-
 def _val_loader(cfg, limit: int, batch_size: int, num_workers: int, pin_memory: bool = False):
-    import ppap
     try:
         ds = ppap.build_dataset(cfg, "val")
-    except _user_errors():
-        raise
     except (FileNotFoundError, NotADirectoryError, OSError) as e:
-        raise _error(f"cannot load {cfg.data} val data from {getattr(cfg, 'data_dir', '?')}: {e}") from None
+        raise EvalError(f"cannot load {cfg.data} val data from {cfg.data_dir}: {e}") from None
     n = len(ds)
     if n == 0:
-        raise _error(f"no val images found for {cfg.data} in {getattr(cfg, 'data_dir', '?')}")
+        raise EvalError(f"no val images found for {cfg.data} in {cfg.data_dir}")
     names = list(getattr(ds, "class_names", None) or [str(i) for i in range(ds.n_classes)])
     n_classes = int(ds.n_classes)
     if limit and limit > 0:
@@ -955,50 +874,26 @@ def _val_loader(cfg, limit: int, batch_size: int, num_workers: int, pin_memory: 
     return loader, names, n_classes
 
 
-def _cfg_replace(cfg, **kw):
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if dataclasses.is_dataclass(cfg):
-        fields = {f.name for f in dataclasses.fields(cfg)}
-        return dataclasses.replace(cfg, **{k: v for k, v in kw.items() if k in fields})
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def _cfg_dict(cfg):
-    if dataclasses.is_dataclass(cfg):
-        return dataclasses.asdict(cfg)
-    return dict(cfg) if isinstance(cfg, dict) else dict(vars(cfg))
-
-
 def _evaluate_cli(args) -> int:
-    try:
-        import ppap
-    except Exception as e:
-        raise EvalError(f"cannot import ppap.py: {type(e).__name__}: {e}") from None
     t0 = time.time()
-    device = _pick_device(args.device)
+    device = ppap.pick_device(args.device)
     dense_crf = load_crf(device) if args.crf else None  # fail fast, before loading anything
     if args.run:
         if not os.path.exists(args.run):
-            raise _error(f"run not found: {args.run}")
+            raise EvalError(f"run not found: {args.run}")
         try:
             model, cfg, ckpt = ppap.load_run(args.run)
-        except _user_errors():
+        except EvalError:
             raise
         except Exception as e:
-            raise _error(f"cannot load run {args.run}: {type(e).__name__}: "
-                         + " ".join(str(e).split())[:200]) from None
-        ckpt_path = args.run
-        if os.path.isdir(args.run):
-            ckpt_path = ckpt.get("path") if isinstance(ckpt, dict) and ckpt.get("path") else \
-                os.path.join(args.run, "last.pt")
-        selection = _selection_label(ckpt if isinstance(ckpt, dict) else {}, ckpt_path)
-        cfg = _cfg_replace(cfg, data=args.data, data_dir=args.data_dir)
+            raise EvalError(f"cannot load run {args.run}: {type(e).__name__}: "
+                            + " ".join(str(e).split())[:200]) from None
+        ckpt_path = os.path.join(args.run, "last.pt") if os.path.isdir(args.run) else args.run  # as load_run
+        selection = _selection_label(ckpt, ckpt_path)
+        over = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir)) if v is not None}
+        cfg = dataclasses.replace(cfg, **over)
         kind = "run"
-        ck_names = ckpt.get("class_names") if isinstance(ckpt, dict) else None
-        ck_git = ckpt.get("git") if isinstance(ckpt, dict) else None
-        step = ckpt.get("step") if isinstance(ckpt, dict) else None
+        ck_names, ck_git, step = ckpt.get("class_names"), ckpt.get("git"), ckpt.get("step")
         if os.path.isdir(args.run):
             out_dir = args.out or os.path.join(args.run, "eval")
             best = os.path.join(args.run, "best_on_val.pt")
@@ -1021,21 +916,21 @@ def _evaluate_cli(args) -> int:
     loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size, args.num_workers,
                                            pin_memory=device.type == "cuda")
     if int(model.n_classes) != n_classes:
-        raise _error(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
+        raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
     if ck_names and len(ck_names) == n_classes:
         names = list(ck_names)
     model = model.to(device)
     # AMP: as the run was trained / as the authors evaluate (autocast on), CUDA only; --amp/--no-amp override
-    amp = args.amp if args.amp is not None else (kind == "official" or bool(getattr(cfg, "amp", False)))
+    amp = args.amp if args.amp is not None else (kind == "official" or cfg.amp)
     amp = bool(amp) and device.type == "cuda"
     if amp:
-        amp = getattr(cfg, "amp_dtype", "fp16") if kind == "run" else "fp16"
+        amp = cfg.amp_dtype if kind == "run" else "fp16"
     res = evaluate_model(model, loader, device, crf=args.crf, amp=amp, n_examples=args.n_examples,
                          dense_crf=dense_crf, desc=f"eval {cfg.data}")
     meta = {
         "checkpoint": os.path.abspath(ckpt_path), "kind": kind, "selection": selection, "step": step,
-        "config": _cfg_dict(cfg), "data": cfg.data, "limit": args.limit or None,
-        "git_commit": git_commit(), "checkpoint_git": ck_git, "device": str(device),
+        "config": dataclasses.asdict(cfg), "data": cfg.data, "limit": args.limit or None,
+        "git_commit": ppap.git_commit(), "checkpoint_git": ck_git, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "amp": amp, "batch_size": args.batch_size,
         "seconds": None,
@@ -1087,9 +982,9 @@ def main(argv=None) -> int:
                 print(f"wrote {path}")
             return 0
         if args.batch_size < 1:
-            raise _error("--batch-size must be >= 1")
+            raise EvalError("--batch-size must be >= 1")
         return _evaluate_cli(args)
-    except _user_errors() as e:
+    except EvalError as e:
         msg = " ".join(str(e).split())
         if msg.startswith("CRF unavailable"):
             print(msg, file=sys.stderr)
