@@ -517,8 +517,6 @@ def test_evaluate_model_matches_manual_computation():
     assert all(not isinstance(v, (dict, torch.Tensor)) for v in res.values())   # JSON-log friendly
 
 
-@pytest.mark.skipif(os.environ.get("PPAP_TEST_REAL_CRF") != "1",
-                    reason="set PPAP_TEST_REAL_CRF=1 to run the real ext.dense_crf (may build the extension)")
 def test_real_crf_runs():
     dense_crf = ev.load_crf()
     model = _random_model("vit_tiny_demo", 6, seed=8)
