@@ -5,12 +5,21 @@
 // operation works on C contiguous floats per pixel or lattice point, which the
 // compiler vectorises.  Parallelism: across images when the batch has at
 // least as many images as threads, otherwise inside each image (splat, blur
-// and slice are all data-parallel in the gather formulation used here).
+// and slice are all data-parallel in the gather formulation used here: the
+// splat gathers per lattice point from a point -> pixels index).
+//
+// The lattice passes are bound by the latency of scattered row accesses
+// (hash probes, neighbour rows, pixel rows of a point, point rows of a
+// pixel), not by arithmetic, so every such loop prefetches a few iterations
+// ahead.  The mean-field update is fused into the slice (logits = -U +
+// sum_k w_k n_k K_k(n_k Q), written once per pixel).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "lattice_geometry.h"
@@ -19,15 +28,27 @@
 namespace ppap {
 namespace {
 
-// Runs f(begin, end) over [0, n) with at::parallel_for, or inline when the
-// caller is already parallel across images.
+// Runs f(begin, end) over [0, n) on all threads, or inline when the caller is
+// already parallel across images.  Threads pull chunks of ~n / (8 threads)
+// (at least `grain`) from a shared counter instead of taking a fixed share,
+// so that a thread slowed down by other load on its core does not hold the
+// others up.
 template <class F>
 void for_range(bool parallel, int64_t n, int64_t grain, const F& f) {
-  if (parallel) {
-    at::parallel_for(0, n, grain, f);
-  } else if (n > 0) {
+  if (n <= 0) return;
+  const int64_t threads = parallel ? at::get_num_threads() : 1;
+  if (threads <= 1 || n <= grain) {
     f(0, n);
+    return;
   }
+  const int64_t chunk = std::max(grain, (n + 8 * threads - 1) / (8 * threads));
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < n_chunks; c = next++) {
+      f(c * chunk, std::min(n, (c + 1) * chunk));
+    }
+  });
 }
 
 // A lattice built for one image and one kernel; reused for every filtering.
@@ -38,7 +59,13 @@ struct Lattice {
   std::vector<int> offset;      // [V] lattice point of vertex v = p * (d+1) + r
   std::vector<float> bary;      // [V] barycentric weight of vertex v
   std::vector<int> neighbors;   // [(d+1) * n_points * 2]: point index + 1, 0 = missing
+  // The vertices grouped by lattice point (CSR, pixel order within a point):
+  // entries entry_start[m] .. entry_start[m+1]-1 of point m.
+  std::vector<int> entry_start;   // [n_points + 1]
+  std::vector<int> entry_pixel;   // [V]
+  std::vector<float> entry_weight;  // [V]
 };
+
 
 // Open-addressing hash table from d-coordinate keys to lattice point indices.
 // Keys are stored once per point, compactly, which keeps probes cache friendly;
@@ -54,6 +81,9 @@ class PointTable {
 
   int size() const { return static_cast<int>(keys_.size() / d_); }
   const int* key(int point) const { return &keys_[int64_t(point) * d_]; }
+
+  // Starts loading the slot where a probe for `key` begins.
+  void prefetch(const int* key) const { __builtin_prefetch(&slots_[hash_key(key, d_) & mask()]); }
 
   // Point index of `key`, inserting it if new.
   int insert(const int* key) {
@@ -74,8 +104,10 @@ class PointTable {
   }
 
   // Point index of `key`, or -1.  Thread-safe once insertion is over.
-  int find(const int* key) const {
-    const uint32_t h = hash_key(key, d_);
+  int find(const int* key) const { return find(key, hash_key(key, d_)); }
+  uint32_t hash(const int* key) const { return hash_key(key, d_); }
+  void prefetch_hash(uint32_t h) const { __builtin_prefetch(&slots_[h & mask()]); }
+  int find(const int* key, uint32_t h) const {
     uint32_t i = h & mask();
     while (true) {
       const Slot& s = slots_[i];
@@ -137,22 +169,56 @@ Lattice build_lattice(int n_pixels, int width, const uint8_t* image, int channel
   //    in first-seen order, which keeps neighbouring pixels' points close).
   PointTable table(d, n_pixels);
   L.offset.resize(n_vertices);
-  for (int64_t v = 0; v < n_vertices; ++v) L.offset[v] = table.insert(&keys[v * d]);
+  constexpr int kAhead = 8;  // hash-slot prefetch distance (probes are cache misses)
+  for (int64_t v = 0; v < n_vertices; ++v) {
+    if (v + kAhead < n_vertices) table.prefetch(&keys[(v + kAhead) * d]);
+    L.offset[v] = table.insert(&keys[v * d]);
+  }
   const int M = table.size();
   L.n_points = M;
   std::vector<int>().swap(keys);
 
-  // 3. Blur neighbours along each of the d+1 lattice axes.
+  // 3. Vertices by lattice point, in pixel order (counting sort).
+  L.entry_start.assign(int64_t(M) + 1, 0);
+  for (int64_t v = 0; v < n_vertices; ++v) ++L.entry_start[L.offset[v] + 1];
+  for (int m = 0; m < M; ++m) L.entry_start[m + 1] += L.entry_start[m];
+  L.entry_pixel.resize(n_vertices);
+  L.entry_weight.resize(n_vertices);
+  {
+    std::vector<int> fill(L.entry_start.begin(), L.entry_start.end() - 1);
+    for (int64_t v = 0; v < n_vertices; ++v) {
+      const int e = fill[L.offset[v]]++;
+      L.entry_pixel[e] = static_cast<int>(v / nv);
+      L.entry_weight[e] = L.bary[v];
+    }
+  }
+
+  // 4. Blur neighbours along each of the d+1 lattice axes.
   L.neighbors.resize(int64_t(nv) * M * 2);
   for_range(parallel, M, 1024, [&](int64_t begin, int64_t end) {
-    int n1[kMaxDim], n2[kMaxDim];
-    for (int64_t m = begin; m < end; ++m) {
-      const int* key = table.key(static_cast<int>(m));
-      for (int j = 0; j <= d; ++j) {
-        axis_neighbors(key, d, j, n1, n2);
-        int* out = &L.neighbors[(int64_t(j) * M + m) * 2];
-        out[0] = table.find(n1) + 1;
-        out[1] = table.find(n2) + 1;
+    // Points in small blocks: hash every neighbour key of the block and
+    // prefetch its slot first, then probe, so that the misses overlap.
+    constexpr int kBlock = 8;
+    int nk[kBlock][kMaxDim + 1][2][kMaxDim];
+    uint32_t nh[kBlock][kMaxDim + 1][2];
+    for (int64_t m0 = begin; m0 < end; m0 += kBlock) {
+      const int nb = static_cast<int>(std::min<int64_t>(kBlock, end - m0));
+      for (int b = 0; b < nb; ++b) {
+        const int* key = table.key(static_cast<int>(m0 + b));
+        for (int j = 0; j <= d; ++j) {
+          axis_neighbors(key, d, j, nk[b][j][0], nk[b][j][1]);
+          for (int s = 0; s < 2; ++s) {
+            nh[b][j][s] = table.hash(nk[b][j][s]);
+            table.prefetch_hash(nh[b][j][s]);
+          }
+        }
+      }
+      for (int b = 0; b < nb; ++b) {
+        for (int j = 0; j <= d; ++j) {
+          int* out = &L.neighbors[(int64_t(j) * M + m0 + b) * 2];
+          out[0] = table.find(nk[b][j][0], nh[b][j][0]) + 1;
+          out[1] = table.find(nk[b][j][1], nh[b][j][1]) + 1;
+        }
       }
     }
   });
@@ -160,11 +226,13 @@ Lattice build_lattice(int n_pixels, int width, const uint8_t* image, int channel
   return L;
 }
 
-// Signals are filtered as rows of Cp floats per pixel / lattice point, with
-// Cp a multiple of kVec (zero padding), processed as kVec-wide vectors (GCC /
+// Signals are filtered as rows of Cp floats per lattice point, with Cp a
+// multiple of kVec (zero padding), processed as kVec-wide vectors (GCC /
 // Clang vector extensions; no alignment assumed).  Four lanes keep the
 // padding small (27 classes -> 28) and match the baseline SSE width.  Cp = 1
-// (the normaliser) uses plain floats.
+// (the normaliser) uses plain floats.  Pixel-side arrays (Q, logits) keep
+// their natural C floats per pixel; the last partial vector of a row is
+// loaded / stored element-wise.
 constexpr int kVec = 4;
 typedef float vec4 __attribute__((vector_size(16), aligned(4)));
 
@@ -177,11 +245,40 @@ struct VecOf<4> {
   using type = vec4;
 };
 
-constexpr int kPrefetch = 8;
+constexpr int kPrefetch = 16;
+constexpr int kPrefetchEntries = 24;
+constexpr int kPrefetchPixels = 8;
 
+// Prefetches every cache line of a row (rows need not start on a line).
 inline void prefetch_row(const void* row, int floats) {
   const char* p = static_cast<const char*>(row);
   for (int off = 0; off < floats * 4; off += 64) __builtin_prefetch(p + off);
+  __builtin_prefetch(p + floats * 4 - 1);
+}
+
+// Vector k of row `src` of C floats (zero padded past C).  The partial last
+// vector is assembled lane by lane (a variable-size memcpy is a libc call).
+template <class V>
+inline V load_vec(const float* __restrict__ src, int k, int C) {
+  constexpr int VW = sizeof(V) / sizeof(float);
+  V t{};
+  if ((k + 1) * VW <= C) {
+    std::memcpy(&t, src + k * VW, sizeof(V));
+  } else {
+    for (int i = 0; i < C - k * VW; ++i) t[i] = src[k * VW + i];
+  }
+  return t;
+}
+
+// Stores the lanes of vector k that fall inside row `dst` of C floats.
+template <class V>
+inline void store_vec(const V& x, int k, int C, float* __restrict__ dst) {
+  constexpr int VW = sizeof(V) / sizeof(float);
+  if ((k + 1) * VW <= C) {
+    std::memcpy(dst + k * VW, &x, sizeof(V));
+  } else {
+    for (int i = 0; i < C - k * VW; ++i) dst[k * VW + i] = x[i];
+  }
 }
 
 // Scratch of the filtering: two [(n_points + 1) * Cp] buffers.  Row 0 stays
@@ -195,35 +292,72 @@ struct FilterBuffers {
   }
 };
 
-// out = alpha * slice(blur(splat(in))), the lattice approximation of K * in.
-// in/out are [P, nvec * VW] floats.
-template <int VW>
-void lattice_filter(const Lattice& L, const float* in, float* out, int nvec, FilterBuffers& buf,
-                    bool parallel) {
+// Splat of the vectors [k0, k0 + NB) of every row: each lattice point sums
+// its (pixel, weight) entries in registers.
+template <int NB, class V>
+void splat_block(const Lattice& L, const V* __restrict__ in, V* __restrict__ out, int nvec, int k0,
+                 int64_t begin, int64_t end) {
+  const int n_entries = L.entry_start[L.n_points];
+  for (int64_t m = begin; m < end; ++m) {
+    V acc[NB];
+    for (int k = 0; k < NB; ++k) acc[k] = V{};
+    for (int e = L.entry_start[m], e1 = L.entry_start[m + 1]; e < e1; ++e) {
+      // The pixels of a point are scattered: fetch rows a few entries ahead.
+      if (e + kPrefetchEntries < n_entries) {
+        prefetch_row(in + int64_t(L.entry_pixel[e + kPrefetchEntries]) * nvec + k0,
+                     NB * int(sizeof(V) / sizeof(float)));
+      }
+      const float w = L.entry_weight[e];
+      const V* src = in + int64_t(L.entry_pixel[e]) * nvec + k0;
+      for (int k = 0; k < NB; ++k) acc[k] += w * src[k];
+    }
+    V* dst = out + (m + 1) * nvec + k0;
+    for (int k = 0; k < NB; ++k) dst[k] = acc[k];
+  }
+}
+
+// Rows of up to 8 vectors in one sweep over the entries, longer ones in
+// sweeps of 8.
+template <class V>
+void splat_range(const Lattice& L, const V* in, V* out, int nvec, int64_t begin, int64_t end) {
+  for (int k0 = 0; k0 < nvec; k0 += 8) {
+    switch (std::min(8, nvec - k0)) {
+      case 1: splat_block<1>(L, in, out, nvec, k0, begin, end); break;
+      case 2: splat_block<2>(L, in, out, nvec, k0, begin, end); break;
+      case 3: splat_block<3>(L, in, out, nvec, k0, begin, end); break;
+      case 4: splat_block<4>(L, in, out, nvec, k0, begin, end); break;
+      case 5: splat_block<5>(L, in, out, nvec, k0, begin, end); break;
+      case 6: splat_block<6>(L, in, out, nvec, k0, begin, end); break;
+      case 7: splat_block<7>(L, in, out, nvec, k0, begin, end); break;
+      default: splat_block<8>(L, in, out, nvec, k0, begin, end); break;
+    }
+  }
+}
+
+// out(p) = alpha * slice(blur(splat(in)))(p), the lattice approximation of
+// K * in.  in is [P, nvec * VW] floats; each pixel's result (nvec vectors) is
+// handed to emit(p, row).
+//
+// Splat is a gather: every lattice point sums its (pixel, weight) entries in
+// pixel order, which is the reference's scatter order per point, so the sums
+// round identically, and points are independent (parallel, no conflicts).
+// NV > 0 fixes nvec at compile time (fully unrolled rows); NV == 0 takes it
+// from nvec_rt.
+template <int VW, int NV, class Emit>
+void lattice_filter_n(const Lattice& L, const float* in, int nvec_rt, FilterBuffers& buf,
+                      bool parallel, const Emit& emit) {
   using V = typename VecOf<VW>::type;
+  const int nvec = NV > 0 ? NV : nvec_rt;
   const int d = L.d, nv = d + 1, M = L.n_points;
-  const V* __restrict__ in_v = reinterpret_cast<const V*>(in);
-  V* __restrict__ out_v = reinterpret_cast<V*>(out);
   const int64_t lattice_floats = int64_t(M + 1) * nvec * VW;
   float* scratch = buf.prepare(M, nvec * VW);
   V* cur = reinterpret_cast<V*>(scratch);
   V* nxt = reinterpret_cast<V*>(scratch + lattice_floats);
   for (int k = 0; k < nvec; ++k) cur[k] = nxt[k] = V{};
 
-  // Splat: scatter each pixel into its d+1 lattice points, in pixel order
-  // (the reference's order, so sums round identically).  Threads split the
-  // vector lanes of each row instead of the pixels, so they never collide.
-  std::fill(cur, cur + (int64_t(M) + 1) * nvec, V{});
-  for_range(parallel, nvec, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t p = 0; p < L.n_pixels; ++p) {
-      const V* src = in_v + p * nvec;
-      for (int r = 0; r < nv; ++r) {
-        const int64_t v = p * nv + r;
-        const float w = L.bary[v];
-        V* dst = cur + (int64_t(L.offset[v]) + 1) * nvec;
-        for (int64_t k = k0; k < k1; ++k) dst[k] += w * src[k];
-      }
-    }
+  const V* in_v = reinterpret_cast<const V*>(in);
+  for_range(parallel, M, 512, [&](int64_t begin, int64_t end) {
+    splat_range(L, in_v, cur, nvec, begin, end);
   });
 
   // Blur with [0.5, 1, 0.5] along each lattice axis in turn.
@@ -253,24 +387,50 @@ void lattice_filter(const Lattice& L, const float* in, float* out, int nvec, Fil
   const float alpha = slice_alpha(d);
   const V* __restrict__ val = cur;
   for_range(parallel, L.n_pixels, 1024, [&](int64_t begin, int64_t end) {
+    V acc_fixed[NV > 0 ? NV : 1];
+    std::vector<float> acc_buf(NV > 0 ? 0 : int64_t(nvec) * VW);
+    V* acc = NV > 0 ? acc_fixed : reinterpret_cast<V*>(acc_buf.data());
     for (int64_t p = begin; p < end; ++p) {
-      V* dst = out_v + p * nvec;
-      for (int k = 0; k < nvec; ++k) dst[k] = V{};
+      if (p + kPrefetchPixels < end) {
+        for (int r = 0; r < nv; ++r) {
+          prefetch_row(val + (int64_t(L.offset[(p + kPrefetchPixels) * nv + r]) + 1) * nvec,
+                       nvec * VW);
+        }
+      }
+      for (int k = 0; k < nvec; ++k) acc[k] = V{};
       for (int r = 0; r < nv; ++r) {
         const int64_t v = p * nv + r;
         const float w = L.bary[v];
         const V* src = val + (int64_t(L.offset[v]) + 1) * nvec;
-        for (int k = 0; k < nvec; ++k) dst[k] += w * src[k] * alpha;
+        for (int k = 0; k < nvec; ++k) acc[k] += w * src[k] * alpha;
       }
+      emit(p, acc);
     }
   });
 }
 
+template <int VW, class Emit>
+void lattice_filter(const Lattice& L, const float* in, int nvec, FilterBuffers& buf, bool parallel,
+                    const Emit& emit) {
+  switch (nvec) {
+    case 1: return lattice_filter_n<VW, 1>(L, in, nvec, buf, parallel, emit);
+    case 2: return lattice_filter_n<VW, 2>(L, in, nvec, buf, parallel, emit);
+    case 3: return lattice_filter_n<VW, 3>(L, in, nvec, buf, parallel, emit);
+    case 4: return lattice_filter_n<VW, 4>(L, in, nvec, buf, parallel, emit);
+    case 5: return lattice_filter_n<VW, 5>(L, in, nvec, buf, parallel, emit);
+    case 6: return lattice_filter_n<VW, 6>(L, in, nvec, buf, parallel, emit);
+    case 7: return lattice_filter_n<VW, 7>(L, in, nvec, buf, parallel, emit);
+    case 8: return lattice_filter_n<VW, 8>(L, in, nvec, buf, parallel, emit);
+    default: return lattice_filter_n<VW, 0>(L, in, nvec, buf, parallel, emit);
+  }
+}
+
 // 1 / sqrt(K * 1 + 1e-20): the symmetric normaliser of one kernel.
 std::vector<float> symmetric_norm(const Lattice& L, FilterBuffers& buf, bool parallel) {
-  std::vector<float> ones(L.n_pixels, 1.f), norm(L.n_pixels);
-  lattice_filter<1>(L, ones.data(), norm.data(), 1, buf, parallel);
-  for (float& x : norm) x = 1.f / std::sqrt(x + 1e-20f);
+  std::vector<float> norm(L.n_pixels), ones(L.n_pixels, 1.f);
+  lattice_filter_n<1, 1>(
+      L, ones.data(), 1, buf, parallel,
+      [&](int64_t p, const float* row) { norm[p] = 1.f / std::sqrt(row[0] + 1e-20f); });
   return norm;
 }
 
@@ -316,29 +476,35 @@ void crf_one_image(const uint8_t* image, int H, int W, int channels, const float
   at::Tensor neg_unary_t = at::from_blob(neg_unary.data(), {P, C}, at::kFloat);
   at::log_out(neg_unary_t, at::from_blob(const_cast<float*>(prob), {P, C}, at::kFloat).clamp(1e-5, 1.0));
   softmax_rows(neg_unary.data(), q, P, C);
+  if (kernels.empty()) return;
 
-  // Filtered signals have rows of Cp >= C floats (zero padded to whole vectors).
+  using V = VecOf<kVec>::type;
   const int nvec = (C + kVec - 1) / kVec;
   const int Cp = nvec * kVec;
-  std::vector<float> scaled(P * Cp, 0.f), message(P * Cp), logits(PC);
+  std::vector<float> logits(PC), scaled(P * Cp, 0.f);
   for (int it = 0; it < prm.iters; ++it) {
-    std::copy(neg_unary.begin(), neg_unary.end(), logits.begin());
-    for (const Kernel& k : kernels) {
-      // Symmetric normalisation: n * K(n * Q).
+    for (size_t ki = 0; ki < kernels.size(); ++ki) {
+      const Kernel& k = kernels[ki];
+      const float* n = k.norm.data();
+      const float weight = k.weight;
+      // Symmetric normalisation: n * K(n * Q); Potts: agreeing neighbours
+      // lower the energy, i.e. raise the logit.  The first kernel starts the
+      // logits from -U, the others add to them.
       for_range(parallel, P, 2048, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
-          const float n = k.norm[p];
-          for (int c = 0; c < C; ++c) scaled[p * Cp + c] = q[p * C + c] * n;
+          const float np = n[p];
+          for (int c = 0; c < C; ++c) scaled[p * Cp + c] = q[p * C + c] * np;
         }
       });
-      lattice_filter<kVec>(k.lattice, scaled.data(), message.data(), nvec, buf, parallel);
-      // Potts: agreeing neighbours lower the energy, i.e. raise the logit.
-      for_range(parallel, P, 2048, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const float n = k.norm[p];
-          for (int c = 0; c < C; ++c) logits[p * C + c] += k.weight * (message[p * Cp + c] * n);
+      const float* base = ki == 0 ? neg_unary.data() : logits.data();
+      auto emit = [&](int64_t p, V* acc) {
+        const float np = n[p];
+        for (int kk = 0; kk < nvec; ++kk) {
+          const V x = load_vec<V>(base + p * C, kk, C) + weight * (acc[kk] * np);
+          store_vec(x, kk, C, logits.data() + p * C);
         }
-      });
+      };
+      lattice_filter<kVec>(k.lattice, scaled.data(), nvec, buf, parallel, emit);
     }
     softmax_rows(logits.data(), q, P, C);
   }
@@ -370,9 +536,11 @@ at::Tensor dense_crf_cpu(const at::Tensor& image, const at::Tensor& probs, int64
   };
   if (B > 1 && B >= at::get_num_threads()) {
     // Enough images to keep every thread busy: one image per task, no
-    // synchronisation inside images.
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) run(b, false);
+    // synchronisation inside images; images are handed out one at a time so
+    // that a thread sharing its core with other load takes fewer.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (int64_t b = next++; b < B; b = next++) run(b, false);
     });
   } else {
     for (int64_t b = 0; b < B; ++b) run(b, true);
