@@ -487,9 +487,8 @@ def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes:
         raise EvalError(f"unknown --arch {arch!r}; choose one of {', '.join(ppap.ARCHS)}")
     model = ppap.PPAP(ppap.ARCHS[arch](patch), n_classes)  # random init: no weight download
     pe = sd.get("backbone.pos_embed")
-    if hasattr(pe, "shape") and pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == model.dim \
-            and pe.shape != model.backbone.pos_embed.shape:  # trained at another resolution: keep its grid
-        model.backbone.pos_embed = torch.nn.Parameter(torch.zeros_like(pe))
+    if hasattr(pe, "shape") and pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == model.dim:
+        model.backbone.adopt_pos_grid(pe)     # a grid of another resolution; other shapes fail strictly below
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

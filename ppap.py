@@ -741,6 +741,12 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def adopt_pos_grid(self, pos_embed: torch.Tensor) -> None:
+        """Resize the pos_embed parameter to a checkpoint's grid (trained at another resolution) before
+        load_state_dict; interpolate_pos_encoding adapts it to each input size as DINO does."""
+        if pos_embed.shape != self.pos_embed.shape:
+            self.pos_embed = nn.Parameter(torch.zeros_like(pos_embed), requires_grad=self.pos_embed.requires_grad)
+
     def interpolate_pos_encoding(self, n_patches: int, H: int, W: int) -> torch.Tensor:
         """DINO's bicubic resize of the positional grid to (H/p, W/p); the +0.1 avoids floor errors."""
         N = self.pos_embed.shape[1] - 1
@@ -827,8 +833,7 @@ def load_backbone_weights(vit: VisionTransformer, path: str) -> None:
                 else f"shape mismatch at {wrong[:3]}")
         raise PPAPError(f"{path} does not fit {vit.embed_dim}-wide ViT/{vit.patch_size} ({what}); "
                         f"check --arch/--patch, or run: bash download.sh weights")
-    if sd["pos_embed"].shape != ours["pos_embed"].shape:   # trained at another resolution: keep its grid
-        vit.pos_embed = nn.Parameter(torch.zeros_like(sd["pos_embed"]))
+    vit.adopt_pos_grid(sd["pos_embed"])
     vit.load_state_dict(sd, strict=True)
 
 
@@ -1161,8 +1166,7 @@ def load_run(path: str, device="cpu"):
     except Exception as e:
         raise PPAPError(f"{file} is not a PPAP checkpoint ({type(e).__name__}: {str(e)[:100]})") from None
     model = PPAP(ARCHS[cfg.arch](cfg.patch), n_classes)
-    if ckpt["model"]["backbone.pos_embed"].shape != model.backbone.pos_embed.shape:
-        model.backbone.pos_embed = nn.Parameter(torch.zeros_like(ckpt["model"]["backbone.pos_embed"]))
+    model.backbone.adopt_pos_grid(ckpt["model"]["backbone.pos_embed"])
     model.load_state_dict(ckpt["model"], strict=True)
     return model.to(device), cfg, ckpt
 

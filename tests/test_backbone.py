@@ -110,3 +110,15 @@ def test_wrong_weights_give_one_clear_error(tmp_path):
         ppap.load_backbone_weights(ppap.vit_base(16), str(small))
     with pytest.raises(ppap.PPAPError, match="does not fit"):
         ppap.load_backbone_weights(ppap.vit_small(8), str(small))   # patch kernel 16 vs 8
+
+
+def test_checkpoint_trained_at_another_resolution_keeps_its_grid(tmp_path):
+    src = ppap.VisionTransformer(16, embed_dim=384, depth=12, num_heads=6, img_size=320)    # 20x20 grid
+    path = tmp_path / "w320.pth"
+    torch.save(src.state_dict(), path)
+    m = ppap.vit_small(16).requires_grad_(False)
+    ppap.load_backbone_weights(m, str(path))
+    assert torch.equal(m.pos_embed, src.pos_embed) and not m.pos_embed.requires_grad
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(m(x), explicit_forward(m, x)[1], atol=1e-4)     # resized 20x20 -> 14x14

@@ -291,13 +291,17 @@ def _outputs(model, x):
         return code, model.linear_probe(code), model.cluster_probe.inner(code)
 
 
+def _authors_net_keys(depth):
+    """The featurizer keys of the authors' released checkpoints for a ViT of this depth."""
+    return sorted(["model." + k for k in _dino_keys(depth)] + ["decoder." + k for k in _BLOCK_KEYS]
+                  + ["project_head.weight", "project_head.bias"])
+
+
 def test_official_checkpoint_reproduces_outputs(tmp_path):
     model = _random_model("vit_tiny_demo", 5, seed=3)
     ck = _authors_format(model)
     # the layout we wrote by hand is the authors' one
-    assert sorted(ck["net_model_state_dict"]) == sorted(
-        ["model." + k for k in _dino_keys(4)] + ["decoder." + k for k in _BLOCK_KEYS]
-        + ["project_head.weight", "project_head.bias"])
+    assert sorted(ck["net_model_state_dict"]) == _authors_net_keys(4)
     path = tmp_path / "ckpt.pth"
     torch.save(ck, path)
     loaded = ev.load_official(str(path), "vit_tiny_demo", 8)
@@ -319,9 +323,7 @@ def test_official_vit_small_key_names(tmp_path):
     """ViT-S/8 with random weights: the released checkpoints' key set maps onto ours with strict=True."""
     model = _random_model("vit_small", 27, seed=4)
     ck = _authors_format(model)
-    assert sorted(ck["net_model_state_dict"]) == sorted(
-        ["model." + k for k in _dino_keys(12)] + ["decoder." + k for k in _BLOCK_KEYS]
-        + ["project_head.weight", "project_head.bias"])
+    assert sorted(ck["net_model_state_dict"]) == _authors_net_keys(12)
     assert ck["net_model_state_dict"]["model.pos_embed"].shape == (1, 785, 384)
     path = tmp_path / "vits8.pth"
     torch.save(ck, path)
