@@ -36,7 +36,11 @@ CPU_SOURCES = ("ops_cpu.cpp", "topk_cpu.cpp", "crf_cpu.cpp")
 CUDA_SOURCES = ("ops_cuda.cpp", "topk_cuda.cu", "crf_cuda.cu")
 # Used when no GPU is visible to pick architectures (e.g. compile-only checks).
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
-CXX_FLAGS = ["-O3"]
+# OpenMP is what makes at::parallel_for parallel: it is a header template that
+# runs serially unless the including file is compiled with _OPENMP.  The
+# library then shares the libgomp that torch has already loaded (same soname).
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CXX_FLAGS = ["-O3", *OPENMP_FLAGS]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 _state_lock = threading.Lock()
@@ -174,7 +178,7 @@ def _load(name: str, sources: tuple[str, ...], with_cuda: bool) -> str:
                 extra_cflags=cflags,
                 extra_cuda_cflags=cuda_flags if with_cuda else None,
                 extra_include_paths=[str(CSRC)],
-                extra_ldflags=_cuda_link_flags() if with_cuda else None,
+                extra_ldflags=OPENMP_FLAGS + (_cuda_link_flags() if with_cuda else []),
                 build_directory=str(build_dir),
                 with_cuda=with_cuda,
                 is_python_module=False,

@@ -174,6 +174,36 @@ def test_crf_batch_equals_per_image():
         torch.testing.assert_close(q_b[i], ext.dense_crf(images[i], probs[i]), rtol=0, atol=1e-6)
 
 
+@pytest.fixture
+def two_threads():
+    """torch (and the ext ops' at::parallel_for) on 2 threads for one test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_ops_really_run_on_several_threads(two_threads):
+    # at::parallel_for silently runs serially in a library built without
+    # OpenMP, which is how the CPU kernels once ran single-threaded.
+    assert torch.ops.ppap_ext.parallel_threads(8) == 2
+
+
+def test_results_do_not_depend_on_the_thread_count(two_threads):
+    images, probs = zip(*(_scene(40, 56, 6, seed=s) for s in range(3)))
+    image_b, probs_b = torch.stack(images), torch.stack(probs)
+    gen = torch.Generator().manual_seed(5)
+    q, keys = torch.randn(2, 300, 16, generator=gen), torch.randn(2, 700, 16, generator=gen)
+    parallel = (ext.dense_crf(image_b, probs_b), ext.dense_crf(images[0], probs[0]),
+                ext.topk_neighbors(q, keys, 9, key_tile=128, query_block=32))
+    torch.set_num_threads(1)
+    serial = (ext.dense_crf(image_b, probs_b), ext.dense_crf(images[0], probs[0]),
+              ext.topk_neighbors(q, keys, 9, key_tile=128, query_block=32))
+    for a, b in zip(parallel[:2], serial[:2]):
+        assert torch.equal(a, b)
+    assert torch.equal(parallel[2][0], serial[2][0]) and torch.equal(parallel[2][1], serial[2][1])
+
+
 def test_crf_input_dtypes_and_layouts():
     image, probs = _scene(20, 30, 3)
     q = ext.dense_crf(image, probs, iters=2)
