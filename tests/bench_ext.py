@@ -73,13 +73,19 @@ def bench_crf(repeats: int, results: dict) -> None:
     one_ours = best_time(lambda: ext.dense_crf(images[:1], probs[:1]), repeats)
     batch_ref = best_time(lambda: [pydensecrf_inference(*s) for s in scenes], 1) / 8
     batch_ours = best_time(lambda: ext.dense_crf(images, probs), max(1, repeats - 1)) / 8
-    print(f"crf 320x320x27, 10 iters, {torch.get_num_threads()} threads (seconds per image):")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # pydensecrf is single-threaded: compare per core too
+    one_thread = best_time(lambda: ext.dense_crf(images[:1], probs[:1]), repeats)
+    torch.set_num_threads(threads)
+    print(f"crf 320x320x27, 10 iters, {threads} threads (seconds per image):")
     print(f"  1 image : pydensecrf {one_ref:.3f}  ours {one_ours:.3f}  "
           f"speed-up x{one_ref / one_ours:.2f}")
+    print(f"  1 image, 1 thread: ours {one_thread:.3f}  speed-up x{one_ref / one_thread:.2f}")
     print(f"  batch 8 : pydensecrf {batch_ref:.3f}  ours {batch_ours:.3f}  "
           f"speed-up x{batch_ref / batch_ours:.2f}")
-    results["crf_cpu"] = dict(threads=torch.get_num_threads(), one_pydensecrf_s=one_ref,
-                              one_ours_s=one_ours, batch8_pydensecrf_s_per_image=batch_ref,
+    results["crf_cpu"] = dict(threads=threads, one_pydensecrf_s=one_ref,
+                              one_ours_s=one_ours, one_ours_1thread_s=one_thread,
+                              batch8_pydensecrf_s_per_image=batch_ref,
                               batch8_ours_s_per_image=batch_ours)
 
     if torch.cuda.is_available():
