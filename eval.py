@@ -1,4 +1,8 @@
-"""Evaluation for PPAP (SPEC section 5).
+"""Evaluation of PPAP runs and of the authors' released checkpoints, on top of ppap.py.
+
+ppap.py holds what training needs to validate (confusion matrices, Hungarian scores, the evaluation
+loop); this script adds the dense CRF, the authors' checkpoints, reports, plots, seed summaries and the
+kNN image table.
 
 Command line
 ------------
@@ -6,55 +10,24 @@ Command line
                    [--device auto] [--batch-size 8] [--limit N]
     python eval.py --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [--crf]
     python eval.py --summarize runs/a runs/b runs/c [--out DIR]
+    python eval.py --knn --data synthetic [--k 7] [--split train]
 
-Importable API (no side effects on import; imports ppap, which imports this
-module only lazily, inside ``ppap.validate``):
+Importable API (no side effects on import):
 
-    confusion_update(conf, pred, label, n_classes, n_preds) -> conf
-    scores(confusion, hungarian) -> dict(mIoU, Acc, IoU, assignment, ...)
-    evaluate_model(model, loader, device, crf=False, amp=False) -> flat dict
+    confusion_update, scores                    ppap.py's metrics (the authors' UnsupervisedMetrics)
+    evaluate_model(model, loader, device, crf=False, amp=None) -> flat dict
         (cluster_mIoU, cluster_Acc, linear_mIoU, ..., *_IoU lists, *_confusion lists)
     load_official(path, arch, patch, n_classes=None) -> PPAP model (eval mode, CPU)
     official_state_dict(model) -> dict in the authors' checkpoint format
     load_crf(device) -> ext.dense_crf, or EvalError("CRF unavailable: ...")
+    knn_table(cfg, split, k) -> path of {'indices', 'values'}
     EvalError is ppap.PPAPError: a one-line user-facing error (CLI: exit code 2)
-
-Conventions
------------
-``confusion[c, k]`` counts val pixels whose ground-truth class is ``c`` and
-whose prediction (cluster id or linear class) is ``k``; C rows, K >= C columns.
-Pixels whose label is outside ``[0, C)`` (or whose prediction is outside
-``[0, K)``) are not counted.  One matrix is accumulated over the whole val set.
-
-Cluster probe ("unsupervised") scores use the Hungarian matching of the
-authors' ``UnsupervisedMetrics``: ``linear_sum_assignment(maximize=True)`` on
-the count matrix laid out as theirs (clusters x classes), i.e. the matching
-maximises the number of matched pixels; then
-
-    IoU_c = TP_c / (TP_c + FP_c + FN_c)   (NaN when 0/0, i.e. skipped)
-    mIoU  = 100 * nanmean(IoU)
-    Acc   = 100 * sum(TP) / sum(all counted pixels)
-
-More clusters than classes (K > C), exactly as the authors: every class gets
-its own cluster (a one-to-one matching of the C classes into the K clusters);
-all pixels predicted as an unmatched cluster are pooled into one extra
-pseudo-class "extra" that no ground-truth pixel belongs to.  Its IoU is 0
-when it holds any pixel (NaN otherwise) and it *is* part of the mIoU mean
-(C + 1 terms); its pixels count in the accuracy denominator.  ``IoU`` lists
-the C real classes; ``IoU_extra`` is given separately.  (The authors' code
-also drops predictions >= C before counting; we count every prediction in
-[0, K), so their extra clusters would always be empty - with the released
-configs K == C and the question does not arise.)
-
-Linear probe scores use the same formulas with the identity mapping.
-
-All numbers are computed in float64 (the authors compute in float32; the
-difference is ~1e-7 relative).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -64,15 +37,16 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
+from tqdm import tqdm
 
 import ppap
+from ppap import confusion_update, scores  # noqa: F401  (re-exported: `from eval import scores` works)
 
 __all__ = [
     "EvalError", "PROBES", "OFFICIAL_KEYS", "confusion_update", "scores", "evaluate_model",
     "probe_results", "load_crf", "image_to_uint8_bgr", "load_official", "official_state_dict",
-    "map_official_keys", "plot_confusion", "plot_examples", "palette", "write_outputs",
-    "format_table", "summarize", "format_summary", "main",
+    "map_official_keys", "plot_confusion", "plot_examples", "plot_knn", "palette", "write_outputs",
+    "format_table", "summarize", "format_summary", "knn_table", "main",
 ]
 
 # Dense-CRF hyper-parameters of the authors (utils/seg_utils.py).
@@ -95,146 +69,13 @@ _OFFICIAL_PREFIXES = {
 EvalError = ppap.PPAPError
 
 
-# ==== METRICS ====
-
-def confusion_update(conf, pred, label, n_classes: int, n_preds: int | None = None):
-    """Add the pixels of ``pred``/``label`` (same shape, integer) to ``conf``.
-
-    ``conf`` is a [n_classes, n_preds] int64 tensor (or None: a new one is made
-    on pred's device).  Labels outside [0, n_classes) and predictions outside
-    [0, n_preds) are ignored.  Returns conf (updated in place when given).
-    """
-    n_preds = n_classes if n_preds is None else int(n_preds)
-    if n_preds < n_classes:
-        raise ValueError(f"n_preds ({n_preds}) < n_classes ({n_classes})")
-    pred = torch.as_tensor(pred)
-    label = torch.as_tensor(label, device=pred.device)
-    if pred.shape != label.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape")
-    if conf is None:
-        conf = torch.zeros(n_classes, n_preds, dtype=torch.int64, device=pred.device)
-    elif tuple(conf.shape) != (n_classes, n_preds):
-        raise ValueError(f"confusion has shape {tuple(conf.shape)}, expected {(n_classes, n_preds)}")
-    p = pred.reshape(-1).long()
-    t = label.reshape(-1).long()
-    keep = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_preds)
-    idx = t[keep] * n_preds + p[keep]
-    counts = torch.bincount(idx, minlength=n_classes * n_preds).reshape(n_classes, n_preds)
-    conf += counts.to(device=conf.device, dtype=conf.dtype)
-    return conf
-
-
-def _as_numpy_counts(confusion) -> np.ndarray:
-    if isinstance(confusion, torch.Tensor):
-        confusion = confusion.detach().cpu().numpy()
-    a = np.asarray(confusion)
-    if a.ndim != 2:
-        raise ValueError(f"confusion must be 2-D, got shape {a.shape}")
-    if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
-        return a.astype(np.int64)
-    return a.astype(np.float64)
-
-
-def _iou_acc(hist: np.ndarray):
-    """hist[true, pred] square.  Returns (IoU array with NaN for 0/0, Acc in [0,1] or NaN)."""
-    hist = hist.astype(np.float64)
-    tp = np.diag(hist)
-    fp = hist.sum(axis=0) - tp
-    fn = hist.sum(axis=1) - tp
-    denom = tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(denom > 0, tp / np.where(denom > 0, denom, 1.0), np.nan)
-    total = hist.sum()
-    acc = tp.sum() / total if total > 0 else float("nan")
-    return iou, acc
-
-
-def scores(confusion, hungarian: bool) -> dict:
-    """Scores of one confusion matrix (``confusion[c, k]``: class c predicted as k).
-
-    hungarian=True (cluster probe): clusters are matched to classes as the
-    authors do (see the module docstring, incl. K > C); hungarian=False
-    (linear probe): identity mapping, the matrix must be square.
-
-    Returns a dict:
-      mIoU, Acc        float, x100 (NaN if no pixel was counted)
-      IoU              list of C floats, x100, NaN where undefined
-      IoU_extra        (K > C only) IoU of the pooled unmatched clusters, x100
-      assignment       list of K ints: class of each cluster/prediction (-1: unmatched)
-      class_to_cluster list of C ints: cluster shown in column c of ``matched``
-      matched          [C(+1), C(+1)] nested list: confusion after the matching,
-                       rows = true class, columns = matched class (+ "extra")
-      n_pixels         int, pixels counted
-    """
-    conf = _as_numpy_counts(confusion)
-    C, K = conf.shape
-    if C == 0:
-        raise ValueError("confusion has no classes")
-    if K < C:
-        raise ValueError(f"confusion has fewer columns ({K}) than classes ({C})")
-    extra = None
-    if not hungarian:
-        if K != C:
-            raise ValueError("identity mapping (hungarian=False) needs a square confusion matrix")
-        class_to_cluster = np.arange(C)
-        assignment = np.arange(C)
-        hist = conf
-    else:
-        stats = conf.T  # authors' layout: [clusters, classes]
-        if K == C:
-            rows, cols = linear_sum_assignment(stats, maximize=True)  # rows = 0..K-1
-            assignment = np.full(K, -1, dtype=np.int64)
-            assignment[rows] = cols
-            class_to_cluster = np.argsort(assignment, kind="stable")
-            hist = conf[:, class_to_cluster]
-        else:
-            # One cluster per class (histogram of the matched clusters) ...
-            _, class_to_cluster = linear_sum_assignment(conf, maximize=True)
-            # ... and the clusters left out by the cluster-side matching are
-            # pooled into one "extra" column (the authors use the two calls).
-            rows, cols = linear_sum_assignment(stats, maximize=True)
-            assignment = np.full(K, -1, dtype=np.int64)
-            assignment[rows] = cols
-            missing = sorted(set(range(K)) - set(rows.tolist()))
-            hist = np.zeros((C + 1, C + 1), dtype=conf.dtype)
-            hist[:C, :C] = conf[:, class_to_cluster]
-            hist[:C, C] = conf[:, missing].sum(axis=1)
-            extra = True
-    iou, acc = _iou_acc(hist)
-    valid = ~np.isnan(iou)
-    miou = float(iou[valid].mean()) * 100.0 if valid.any() else float("nan")
-    out = {
-        "mIoU": miou,
-        "Acc": float(acc) * 100.0,
-        "IoU": [float(v) * 100.0 for v in iou[:C]],
-        "assignment": [int(v) for v in assignment],
-        "class_to_cluster": [int(v) for v in class_to_cluster],
-        "matched": hist.tolist(),
-        "n_pixels": int(conf.sum()) if np.issubdtype(conf.dtype, np.integer) else float(conf.sum()),
-    }
-    if extra:
-        out["IoU_extra"] = float(iou[C]) * 100.0
-    return out
-
-
 # ==== CRF ====
 
 def image_to_uint8_bgr(img: torch.Tensor, bgr: bool = True) -> torch.Tensor:
-    """Normalised [B,3,H,W] float -> uint8 [B,H,W,3] (BGR by default).
-
-    Same arithmetic as the authors' dense_crf: un-normalise channel-wise in
-    float32 (x * std, then + mean), multiply by 255 and truncate to uint8
-    (to_pil_image), then reverse the channels.  Truncation, not rounding: a
-    value that does not round-trip exactly (e.g. 255 -> 254.99998) drops by one,
-    as theirs does.  Values are clamped to [0, 255] first, which changes nothing
-    for images that came from [0, 1].
-    """
-    x = ppap.denormalize(img.detach().float())  # float32: x * std + mean
-    x = (x * 255).clamp_(0, 255).to(torch.uint8)
-    x = x.permute(0, 2, 3, 1)
-    if bgr:
-        x = x.flip(-1)
-    return x.contiguous()
+    """Normalised [B,3,H,W] float -> uint8 [B,H,W,3] (BGR by default), the authors' dense_crf conversion:
+    un-normalised in float32, times 255, truncated (ppap.to_uint8_rgb), channels reversed."""
+    x = ppap.to_uint8_rgb(img)
+    return (x.flip(-1) if bgr else x).contiguous()
 
 
 def load_crf(device=None):
@@ -267,112 +108,31 @@ def _crf_argmax(dense_crf, img_u8, logits):
     return q.argmax(1).to(logits.device)
 
 
-# ==== EVALUATION LOOP ====
-
-def _unpack_batch(batch):
-    if isinstance(batch, dict):
-        return batch["img"], batch["label"]
-    return batch[0], batch[1]
-
+# ==== EVALUATION ====
 
 PROBES = ("cluster", "linear", "cluster_crf", "linear_crf")
 
 
-def _amp_dtype(amp, device):
-    if isinstance(amp, torch.dtype):
-        return amp
-    if isinstance(amp, str):
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+def crf_refiner(dense_crf):
+    """ppap.evaluate's refine hook: dense CRF on softmax(linear logits) and on softmax(2 * cosine scores),
+    image as BGR uint8 (the authors' batched_crf)."""
+    def refine(img, linear_logits, inner):
+        img_u8 = image_to_uint8_bgr(img)
+        linear = _crf_argmax(dense_crf, img_u8, linear_logits)
+        return {"cluster_crf": _crf_argmax(dense_crf, img_u8, CLUSTER_CRF_ALPHA * inner.float()),
+                "linear_crf": linear}
+    return refine
 
 
-@torch.no_grad()
-def evaluate_model(model, loader, device, crf=False, amp=False, n_examples: int = 0,
+def evaluate_model(model, loader, device, crf=False, amp: torch.dtype | None = None, n_examples: int = 0,
                    progress: bool = True, desc: str = "eval", dense_crf=None) -> dict:
-    """Evaluate ``model`` (a PPAP module) on ``loader`` (val items {'img','label'}).
-
-    Per batch: code = model(img)['code'], bilinearly upsampled (align_corners=False)
-    to the label size; linear prediction = argmax(linear_probe(code)); cluster
-    prediction = argmax of the cosine inner products with the clusters (= the
-    authors' one-hot probe output).  With crf=True the CRF predictions are made
-    in the same pass (dense CRF on softmax(linear logits) and on
-    softmax(2 * inner products), image as BGR uint8), so "no CRF" and "CRF"
-    scores come back together.  ``amp``: False, True (fp16 on CUDA, bf16 on
-    CPU), 'fp16'/'bf16' or a torch dtype.
-
-    Returns a flat dict; for each probe P in cluster, linear[, cluster_crf, linear_crf]:
-      P_mIoU, P_Acc               floats x100 (one confusion matrix over the loader)
-      P_IoU                       list of C per-class IoUs x100 (NaN: class absent and never predicted)
-      P_IoU_extra                 (cluster probes with K > C only)
-      P_confusion                 [C, K] nested list of pixel counts (rows: true class)
-      P_assignment                list of K: class of each cluster (identity for linear)
-      P_matched                   confusion after the matching (see ``scores``)
-    plus n_images (int) and examples (list of dicts for plot_examples: uint8 RGB
-    'image', 'label', raw per-probe predictions).  Scalars are floats/ints and
-    everything else is a list, so the dict can go straight into a JSON log after
-    dropping lists.  The model's train/eval mode is restored afterwards.
-    """
-    device = torch.device(device)
+    """ppap.evaluate (no CRF, cluster and linear probes) plus, with crf=True, the CRF-refined predictions
+    of both probes from the same pass, so "no CRF" and "CRF" scores come back together. ``amp``: autocast
+    dtype or None (fp32). See ppap.evaluate for the returned dict."""
     if crf and dense_crf is None:
         dense_crf = load_crf(device)
-    n_classes = int(model.n_classes)
-    n_clusters = int(model.cluster_probe.clusters.shape[0])
-    names = [p for p in PROBES if crf or not p.endswith("_crf")]
-    confs = {k: torch.zeros(n_classes, n_clusters if k.startswith("cluster") else n_classes,
-                            dtype=torch.int64, device=device) for k in names}
-    examples = []
-    n_images = 0
-    was_training = model.training
-    model.eval()
-    use_amp = bool(amp) and amp != "none"
-    amp_dtype = _amp_dtype(amp, device) if use_amp else torch.float32
-    try:
-        it = loader
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-        for batch in it:
-            img, label = _unpack_batch(batch)
-            img = img.to(device, non_blocking=True)
-            label = label.to(device, non_blocking=True).long()
-            # as the authors: featurizer and probes under autocast, the upsampling outside it
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                code = model(img)["code"]
-            code = F.interpolate(code, size=label.shape[-2:], mode="bilinear", align_corners=False)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-                linear_logits = model.linear_probe(code)
-                inner = model.cluster_probe.inner(code)  # cosine scores [B,K,H,W]
-            preds = {"linear": linear_logits.argmax(1), "cluster": inner.argmax(1)}
-            if crf:
-                img_u8 = image_to_uint8_bgr(img)
-                preds["linear_crf"] = _crf_argmax(dense_crf, img_u8, linear_logits)
-                preds["cluster_crf"] = _crf_argmax(dense_crf, img_u8, CLUSTER_CRF_ALPHA * inner.float())
-            for k in names:
-                confusion_update(confs[k], preds[k], label, n_classes, confs[k].shape[1])
-            if len(examples) < n_examples:
-                rgb = image_to_uint8_bgr(img, bgr=False).cpu().numpy()
-                for i in range(min(img.shape[0], n_examples - len(examples))):
-                    ex = {"image": rgb[i], "label": label[i].cpu().numpy()}
-                    for k in names:
-                        ex[k] = preds[k][i].cpu().numpy()
-                    examples.append(ex)
-            n_images += img.shape[0]
-    finally:
-        model.train(was_training)
-    out = {}
-    for k in names:
-        conf = confs[k].cpu()
-        sc = scores(conf, hungarian=k.startswith("cluster"))
-        out[f"{k}_mIoU"], out[f"{k}_Acc"] = sc["mIoU"], sc["Acc"]
-        if "IoU_extra" in sc:
-            out[f"{k}_IoU_extra"] = sc["IoU_extra"]
-        out[f"{k}_IoU"] = sc["IoU"]
-        out[f"{k}_confusion"] = conf.tolist()
-        out[f"{k}_assignment"] = sc["assignment"]
-        out[f"{k}_matched"] = sc["matched"]
-    out["n_images"] = n_images
-    out["examples"] = examples
-    return out
+    return ppap.evaluate(model, loader, device, amp=amp, refine=crf_refiner(dense_crf) if crf else None,
+                         n_examples=n_examples, progress=progress, desc=desc)
 
 
 def probe_results(res: dict, probe: str) -> dict | None:
@@ -489,9 +249,7 @@ def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes:
     pe = sd.get("backbone.pos_embed")
     if hasattr(pe, "shape") and pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == model.dim:
         model.backbone.adopt_pos_grid(pe)     # a grid of another resolution; other shapes fail strictly below
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+    missing, unexpected, wrong = ppap.key_mismatch(model.state_dict(), sd)
     if missing or unexpected:
         parts = []
         if missing:
@@ -501,9 +259,9 @@ def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes:
             parts.append("unexpected key(s): " + ", ".join(_to_official_name(k) for k in unexpected[:8])
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
         raise EvalError(f"{path} does not match {arch}/{patch}: " + "; ".join(parts) + " (check --arch/--patch)")
-    bad = [f"{_to_official_name(k)} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-           for k in own if hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if bad:
+    if wrong:
+        own = model.state_dict()
+        bad = [f"{_to_official_name(k)} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]
         raise EvalError(f"{path} does not match {arch}/{patch}: shape mismatch: " + ", ".join(bad[:4])
                         + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "") + " (check --arch/--patch)")
     try:
@@ -750,10 +508,7 @@ def write_outputs(res: dict, class_names, out_dir: str, meta: dict, crf: bool) -
                 "summary": {f"{k}/{m}": metrics[k][m] for k in metrics for m in ("mIoU", "Acc")},
                 "metrics": metrics, "pngs": pngs})
     doc = _nan_to_none(doc)
-    tmp = os.path.join(out_dir, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    ppap.atomic_write(os.path.join(out_dir, "metrics.json"), lambda p: ppap.write_json(p, doc, indent=1))
     return doc
 
 
@@ -852,25 +607,86 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# ==== kNN IMAGE TABLE (STEGO-style nearest-neighbour images) ====
+
+def _weights_tag(cfg) -> str:
+    """Names the backbone weights in the cache key: the released file, or a --weights file by path,
+    size and modification time (a retrained backbone under the same name gets a new table)."""
+    if not cfg.weights:
+        return "released" if cfg.arch != "vit_tiny_demo" else "demo"
+    st = os.stat(cfg.weights)
+    key = f"{os.path.abspath(cfg.weights)}|{st.st_size}|{st.st_mtime_ns}"
+    return "w" + hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def knn_table(cfg, split: str = "train", k: int = 7, device=None) -> str:
+    """For every image of the split, its k most similar images (itself first) by the frozen backbone's
+    mean-pooled, normalised final patch features; computed with ext.topk_neighbors (never the full
+    similarity matrix) and cached at <data_dir>/nns/. Returns the cache path ({'indices', 'values'})."""
+    size = cfg.img_size if split == "train" else cfg.val_size
+    name = f"nns_{cfg.data}_{split}_{cfg.arch}{cfg.patch}_{size}_{_weights_tag(cfg)}.pt"
+    path = os.path.join(cfg.data_dir, "nns", name)
+    if os.path.exists(path):
+        table = torch.load(path, weights_only=True)
+        if table["indices"].shape[1] >= k + 1:
+            return path
+    from ext import topk_neighbors
+    device = device or ppap.pick_device(cfg.device)
+    dataset = ppap.build_dataset(cfg, split)
+    vit = ppap.build_backbone(cfg).to(device).eval()
+    amp = ppap.amp_dtype(cfg, device)
+    feats = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        for batch in tqdm(ppap.make_loader(cfg, dataset, train=False), desc=f"kNN features ({split})",
+                          dynamic_ncols=True, disable=not cfg.progress):
+            tokens = vit(batch["img"].to(device, non_blocking=True))[:, 1:]
+            feats.append(F.normalize(tokens.float().mean(1), dim=1))
+    feats = torch.cat(feats)
+    values, indices = topk_neighbors(feats, feats, min(k + 1, len(feats)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ppap.atomic_write(path, lambda p: torch.save({"indices": indices.cpu(), "values": values.cpu()}, p))
+    return path
+
+
+def plot_knn(dataset, indices, path, n_queries: int = 6, k: int = 5, tile: int = 112):
+    """Grid PNG: each row a query image followed by its k nearest images (similarity under each)."""
+    from PIL import Image, ImageDraw
+    idx, vals = indices["indices"], indices["values"]
+    queries = np.linspace(0, len(idx) - 1, min(n_queries, len(idx))).round().astype(int)
+    k = min(k, idx.shape[1] - 1)
+    pad, head = 4, 18
+    font = _font(12)
+    img = Image.new("RGB", (pad + (k + 1) * (tile + pad), head + len(queries) * (tile + head)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 3), "query", fill="black", font=font)
+    d.text((pad + tile + pad, 3), f"its {k} nearest images (cosine similarity of mean DINO features)",
+           fill="black", font=font)
+    for r, q in enumerate(queries):
+        y = head + r * (tile + head)
+        for c, j in enumerate([int(q)] + idx[q, 1:k + 1].tolist()):
+            rgb = ppap.to_uint8_rgb(dataset[j]["img"][None])[0].numpy()
+            img.paste(Image.fromarray(rgb).resize((tile, tile), Image.BILINEAR), (pad + c * (tile + pad), y))
+            if c:
+                d.text((pad + c * (tile + pad) + 2, y + tile + 2), f"{float(vals[q, c]):.3f}", fill="black",
+                       font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path
+
+
 # ==== CLI ====
 
-def _val_loader(cfg, limit: int, batch_size: int, num_workers: int, pin_memory: bool = False):
+def _val_loader(cfg, limit: int, batch_size: int):
     try:
         ds = ppap.build_dataset(cfg, "val")
     except (FileNotFoundError, NotADirectoryError, OSError) as e:
         raise EvalError(f"cannot load {cfg.data} val data from {cfg.data_dir}: {e}") from None
-    n = len(ds)
-    if n == 0:
+    if len(ds) == 0:
         raise EvalError(f"no val images found for {cfg.data} in {cfg.data_dir}")
     names = list(getattr(ds, "class_names", None) or [str(i) for i in range(ds.n_classes)])
-    n_classes = int(ds.n_classes)
     if limit and limit > 0:
-        ds = torch.utils.data.Subset(ds, list(range(min(limit, n))))
-    if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         drop_last=False, pin_memory=pin_memory)
-    return loader, names, n_classes
+        ds = ppap.subset(ds, range(min(limit, len(ds))))
+    return ppap.make_loader(cfg, ds, train=False, batch_size=batch_size), names, int(ds.n_classes)
 
 
 def _evaluate_cli(args) -> int:
@@ -880,14 +696,8 @@ def _evaluate_cli(args) -> int:
     if args.run:
         if not os.path.exists(args.run):
             raise EvalError(f"run not found: {args.run}")
-        try:
-            model, cfg, ckpt = ppap.load_run(args.run)
-        except EvalError:
-            raise
-        except Exception as e:
-            raise EvalError(f"cannot load run {args.run}: {type(e).__name__}: "
-                            + " ".join(str(e).split())[:200]) from None
-        ckpt_path = os.path.join(args.run, "last.pt") if os.path.isdir(args.run) else args.run  # as load_run
+        ckpt_path = ppap.checkpoint_file(args.run)
+        model, cfg, ckpt = ppap.load_run(args.run)
         selection = _selection_label(ckpt, ckpt_path)
         over = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir)) if v is not None}
         cfg = dataclasses.replace(cfg, **over)
@@ -904,26 +714,26 @@ def _evaluate_cli(args) -> int:
                                                "eval" if stem == "last" else f"eval_{stem}")
     else:
         # the checkpoint first: its errors do not depend on the data being there
-        model = load_official(args.official, args.arch, args.patch, n_classes=None, trust=args.trust_pickle)
-        over = {"data": args.data or "cocostuff", "arch": args.arch, "patch": args.patch}
+        arch, patch = args.arch or "vit_small", args.patch or 8
+        model = load_official(args.official, arch, patch, n_classes=None, trust=args.trust_pickle)
+        over = {"data": args.data or "cocostuff", "arch": arch, "patch": patch, "amp_dtype": "fp16"}
         if args.data_dir:
             over["data_dir"] = args.data_dir
         cfg = ppap.make_config(over)
         ckpt_path, selection, kind, ck_names, ck_git, step = args.official, "authors-release", "official", \
             None, None, None
         out_dir = args.out or os.path.join("runs", "eval_" + os.path.splitext(os.path.basename(args.official))[0])
-    loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size, args.num_workers,
-                                           pin_memory=device.type == "cuda")
+    # data loading: this command's workers; precision: the run's own (the authors evaluate under autocast),
+    # unless --amp/--no-amp says otherwise
+    cfg = dataclasses.replace(cfg, num_workers=args.num_workers if args.num_workers is not None
+                              else min(4, os.cpu_count() or 1), **({} if args.amp is None else {"amp": args.amp}))
+    loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
     if int(model.n_classes) != n_classes:
         raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
     if ck_names and len(ck_names) == n_classes:
         names = list(ck_names)
     model = model.to(device)
-    # AMP: as the run was trained / as the authors evaluate (autocast on), CUDA only; --amp/--no-amp override
-    amp = args.amp if args.amp is not None else (kind == "official" or cfg.amp)
-    amp = bool(amp) and device.type == "cuda"
-    if amp:
-        amp = cfg.amp_dtype if kind == "run" else "fp16"
+    amp = ppap.amp_dtype(cfg, device)
     res = evaluate_model(model, loader, device, crf=args.crf, amp=amp, n_examples=args.n_examples,
                          dense_crf=dense_crf, desc=f"eval {cfg.data}")
     meta = {
@@ -931,10 +741,9 @@ def _evaluate_cli(args) -> int:
         "config": dataclasses.asdict(cfg), "data": cfg.data, "limit": args.limit or None,
         "git_commit": ppap.git_commit(), "checkpoint_git": ck_git, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "amp": amp, "batch_size": args.batch_size,
-        "seconds": None,
+        "torch": torch.__version__, "amp": str(amp).removeprefix("torch.") if amp else False,
+        "batch_size": args.batch_size, "seconds": round(time.time() - t0, 2),
     }
-    meta["seconds"] = round(time.time() - t0, 2)
     doc = write_outputs(res, names, out_dir, meta, crf=args.crf)
     print(f"{kind} {ckpt_path} ({selection}) on {cfg.data} val, {res['n_images']} images, device {device}")
     print(format_table(res, names))
@@ -943,16 +752,38 @@ def _evaluate_cli(args) -> int:
     return 0
 
 
+def _knn_cli(args) -> int:
+    over = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir), ("arch", args.arch),
+                              ("patch", args.patch), ("weights", args.weights), ("device", args.device),
+                              ("num_workers", args.num_workers)) if v is not None}
+    cfg = dataclasses.replace(ppap.make_config(over), batch_size=args.batch_size)
+    path = knn_table(cfg, args.split, args.k)
+    table = torch.load(path, weights_only=True)
+    png = plot_knn(ppap.build_dataset(cfg, args.split), table,
+                   os.path.join(args.out or os.path.join("runs", f"knn_{cfg.data}_{args.split}"), "knn.png"),
+                   k=min(args.k, 5))
+    print(f"kNN table ({args.k} neighbours per image, {len(table['indices'])} images): {path}")
+    print(f"picture: {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate PPAP checkpoints (SPEC section 5).")
+    p = argparse.ArgumentParser(description="Evaluate PPAP checkpoints (the authors' evaluation protocol), "
+                                            "summarise seeds, or build kNN image tables.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", help="run directory or checkpoint .pt of ours")
     g.add_argument("--official", help="authors' released checkpoint (.pth)")
     g.add_argument("--summarize", nargs="+", metavar="RUN", help="mean ± std over runs (seeds)")
+    g.add_argument("--knn", action="store_true", help="each image's nearest images by backbone features "
+                                                      "(table + knn.png)")
     p.add_argument("--data", default=None, help="data set (default: the run's; cocostuff for --official)")
     p.add_argument("--data-dir", default=None, help="data root (default: the run's / $PPAP_DATA)")
-    p.add_argument("--arch", default="vit_small", help="backbone for --official")
-    p.add_argument("--patch", type=int, default=8, help="patch size for --official")
+    p.add_argument("--arch", default=None, help="backbone for --official/--knn (default vit_small / the "
+                                                 "dataset's)")
+    p.add_argument("--patch", type=int, default=None, help="patch size for --official/--knn (default 8)")
+    p.add_argument("--weights", default=None, help="backbone weights for --knn (default: the released ones)")
+    p.add_argument("--k", type=int, default=7, help="neighbours per image for --knn")
+    p.add_argument("--split", default="train", choices=("train", "val"), help="split for --knn")
     p.add_argument("--crf", action="store_true", help="also report dense-CRF refined scores")
     p.add_argument("--out", default=None, help="output directory")
     p.add_argument("--device", default="auto")
@@ -976,13 +807,12 @@ def main(argv=None) -> int:
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
                 path = os.path.join(args.out, "summary.json")
-                with open(path, "w") as f:
-                    json.dump(_nan_to_none(s), f, indent=1)
+                ppap.atomic_write(path, lambda p: ppap.write_json(p, _nan_to_none(s), indent=1))
                 print(f"wrote {path}")
             return 0
         if args.batch_size < 1:
             raise EvalError("--batch-size must be >= 1")
-        return _evaluate_cli(args)
+        return _knn_cli(args) if args.knn else _evaluate_cli(args)
     except EvalError as e:
         msg = " ".join(str(e).split())
         if msg.startswith("CRF unavailable"):

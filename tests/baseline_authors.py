@@ -13,16 +13,9 @@ Mixed precision is the preset's (fp16 autocast + GradScaler on CUDA), as in the 
 from __future__ import annotations
 
 import contextlib
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for p in (str(HERE.parent), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-import ppap  # noqa: E402
-from reference_loss import reference_ppap_loss  # noqa: E402
+import ppap  # imported by tests/benchmarks.py, which puts the repository and tests/ on sys.path
+from reference_loss import reference_ppap_loss
 
 
 class ExplicitSoftmaxAttention(ppap.Attention):

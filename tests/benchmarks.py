@@ -155,9 +155,7 @@ def sync(device: torch.device) -> None:
 
 
 def loss_kwargs() -> dict:
-    cfg = ppap.make_config({"data": "cocostuff"})
-    return dict(phi0=cfg.phi0, psi0=cfg.psi0, prop_iter=cfg.prop_iter, sigma_pos=cfg.sigma_pos,
-                sigma_amb=cfg.sigma_amb, tau=cfg.tau, group=cfg.group, no_ambiguity=cfg.no_ambiguity)
+    return ppap.loss_args(ppap.make_config({"data": "cocostuff"}))
 
 
 def loss_inputs(batch: int, device: torch.device, seed: int = 0, dim: int = 384):
@@ -255,8 +253,7 @@ def case_step(spec: dict) -> dict:
     else:
         step = ppap.train_step
     opts = ppap.build_optimizers(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2048, growth_interval=1000,
-                                  enabled=ppap.amp_enabled(cfg, device) and cfg.amp_dtype == "fp16")
+    scaler = ppap.make_scaler(cfg, device)
     model.train()
     batch = step_batch(cfg.batch_size, cfg.img_size)
     probe = small_op_ms(torch.get_num_threads())
@@ -273,8 +270,8 @@ def case_step(spec: dict) -> dict:
             first = first or st
     med = statistics.median(times)
     out = dict(times_s=times, median_s=med, images_per_s=cfg.batch_size / med, peak_mib=mem.peak_mib,
-               memory_method=mem.method, first_step=first, amp=ppap.amp_enabled(cfg, device),
-               amp_dtype=cfg.amp_dtype if ppap.amp_enabled(cfg, device) else "fp32",
+               memory_method=mem.method, first_step=first, amp=ppap.amp_dtype(cfg, device) is not None,
+               amp_dtype=cfg.amp_dtype if ppap.amp_dtype(cfg, device) is not None else "fp32",
                threads=torch.get_num_threads(), small_op_ms=probe)
     if device.type == "cpu":
         out["tensor_peak_mib"] = tensor_peak_mib(lambda: step(model, batch, opts, scaler, cfg, device))

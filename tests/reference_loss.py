@@ -1,4 +1,5 @@
-"""A plain, per-group PPAP loss that follows the authors' algorithm step by step (SPEC section 3).
+"""A plain, per-group PPAP loss that follows the authors' algorithm step by step (their loss.py,
+SupConLoss.forward).
 
 It materialises every proxy from an [A, N, D] product, loops over groups in Python and keeps Phi/Psi in
 float16 tensors as the authors' code does. Used by the tests as the independent reference and by

@@ -1,4 +1,6 @@
 """Real-dataset loaders (issue 5): tiny fake datasets in the exact on-disk layouts."""
+import io
+import json
 import os
 import sys
 
@@ -9,7 +11,6 @@ from PIL import Image
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ppap as D  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -294,9 +295,12 @@ def test_coco_train_five_crop(tmp_path):
             stored_lab = np.asarray(Image.open(os.path.join(out, 'label', 'train', f'{j}.png')))
             assert stored_lab.dtype == np.uint8
             assert np.array_equal(stored_lab.astype(np.int64), tv_labs[k].numpy() + 1)   # label + 1, 0 = ignore
-            stored_img = np.asarray(Image.open(os.path.join(out, 'img', 'train', f'{j}.jpg')), np.float64)
-            diff = np.abs(stored_img - np.asarray(tv_imgs[k], np.float64))
-            assert stored_img.shape == diff.shape and diff.mean() < 1.0 and diff.max() < 16   # JPEG q95
+            # the authors' crop script saves torchvision's crop with Pillow's default JPEG encoding
+            jpg = os.path.join(out, 'img', 'train', f'{j}.jpg')
+            buf = io.BytesIO()
+            tv_imgs[k].save(buf, format='JPEG')
+            assert open(jpg, 'rb').read() == buf.getvalue()
+            stored_img = np.asarray(Image.open(jpg), np.float64)
             item = ds[j]
             assert item['img'].shape == (3, 224, 224) and item['label'].shape == (224, 224)
             assert np.array_equal(item['label'].numpy(), ref_resize_crop(tv_labs[k].numpy(), 224))
@@ -344,7 +348,7 @@ def test_five_crop_interruption_and_idempotence(tmp_path, monkeypatch):
     assert os.path.exists(first)
     mtime = os.stat(first).st_mtime_ns
     # a truncated temporary file and a fake DONE.json in the temp folder must not matter
-    open(os.path.join(partial, 'img', 'train', '5.jpg.tmp'), 'wb').write(b'\xff\xd8garbage')
+    open(os.path.join(partial, 'img', 'train', '5.jpg.tmp4242'), 'wb').write(b'\xff\xd8garbage')
     open(os.path.join(partial, 'DONE.json'), 'w').write('{}')
     with pytest.raises(PermissionError):                      # loading now must not use it either
         monkeypatch.setattr(D, '_five_crop_one', lambda t: (_ for _ in ()).throw(PermissionError()))
@@ -552,3 +556,38 @@ def test_damaged_five_crop_set_message(tmp_path):
     os.remove(os.path.join(out, "img", "train", "3.jpg"))
     with pytest.raises(D.PPAPError, match=f"delete {out} to rebuild"):
         ds[3]
+
+
+def _jpeg_encoding(path):
+    from PIL import JpegImagePlugin
+    im = Image.open(path)
+    return im.quantization, JpegImagePlugin.get_sampling(im)
+
+
+def test_five_crop_jpegs_use_pillows_default_encoding_and_old_caches_are_rebuilt(tmp_path):
+    """The authors' (and STEGO's) crop scripts save with Pillow's defaults: quality 75, 4:2:0 chroma.
+    A cache built with another encoding (our version 1: quality 95, 4:4:4) is rebuilt, not reused."""
+    make_coco(tmp_path, n_train=1)
+    pairs = D.cocostuff_pairs(str(tmp_path), 'train')
+    out = D.build_five_crop('cocostuff', 'cocostuff', pairs, str(tmp_path), workers=1, progress=False)
+    ref = io.BytesIO()
+    Image.new('RGB', (64, 48), (90, 120, 30)).save(ref, format='JPEG')
+    default_tables, default_sampling = _jpeg_encoding(ref)
+    assert default_sampling == 2                                          # 4:2:0
+    for j in range(5):
+        assert _jpeg_encoding(os.path.join(out, 'img', 'train', f'{j}.jpg')) == (default_tables, 2)
+    # an old cache (version 1 manifest): rebuilt with the default encoding
+    manifest = json.load(open(os.path.join(out, 'DONE.json')))
+    old = {**manifest, 'version': 1, 'jpeg_quality': 95}
+    old.pop('jpeg')
+    json.dump(old, open(os.path.join(out, 'DONE.json'), 'w'))
+    Image.new('RGB', (8, 8)).save(os.path.join(out, 'img', 'train', '0.jpg'), format='JPEG', quality=95,
+                                  subsampling=0)
+    D.build_five_crop('cocostuff', 'cocostuff', pairs, str(tmp_path), workers=1, progress=False)
+    assert json.load(open(os.path.join(out, 'DONE.json'))) == manifest
+    assert _jpeg_encoding(os.path.join(out, 'img', 'train', '0.jpg')) == (default_tables, 2)
+    # higher quality is opt-in, in a folder of its own
+    hq = D.build_five_crop('cocostuff', 'cocostuff', pairs, str(tmp_path), workers=1, progress=False, quality=95)
+    assert hq.endswith('cocostuff_five_crop_0.5_q95') and hq != out
+    tables, sampling = _jpeg_encoding(os.path.join(hq, 'img', 'train', '0.jpg'))
+    assert sampling == 0 and tables != default_tables                    # 4:4:4, other tables

@@ -15,7 +15,6 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import eval as ev  # noqa: E402
 import ppap  # noqa: E402
@@ -628,3 +627,41 @@ def test_summarize(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "cluster/mIoU" in out and "±" in out
     assert json.loads((tmp_path / "sum" / "summary.json").read_text())["metrics"]["linear/mIoU"]["mean"] == 61.0
+
+
+# ---------------------------------------------------------------------------
+# kNN image table (moved here from ppap.py: a tool, not part of training)
+
+def test_knn_table_equals_torch_topk(tmp_path):
+    from PIL import Image
+    cfg = ppap.make_config({"data": "synthetic", "data_dir": str(tmp_path), "progress": False, "num_workers": 0})
+    path = ev.knn_table(cfg, "val", k=5)
+    assert path.startswith(str(tmp_path)) and ev.knn_table(cfg, "val", k=5) == path    # cached
+    table = torch.load(path, weights_only=True)
+    ds = ppap.SyntheticDataset("val", cfg.val_size)
+    vit = ppap.build_backbone(cfg).eval()
+    with torch.no_grad():
+        tokens = vit(torch.stack([ds[i]["img"] for i in range(len(ds))]))[:, 1:]
+        f = torch.nn.functional.normalize(tokens.mean(1), dim=1)
+    values, indices = torch.topk(f @ f.T, 6)
+    assert table["indices"].shape == (len(ds), 6)
+    assert torch.allclose(table["values"], values, atol=1e-5)
+    assert torch.equal(table["indices"][:, 0], torch.arange(len(ds)))              # itself first
+    assert (table["indices"] == indices).float().mean() > 0.99                     # up to near-ties
+    # other backbone weights -> another cache entry, not the stale table
+    w = tmp_path / "w.pth"
+    torch.save(ppap.vit_tiny_demo(8).state_dict(), w)
+    other = ev.knn_table(ppap.make_config({"data": "synthetic", "data_dir": str(tmp_path), "progress": False,
+                                           "num_workers": 0, "weights": str(w)}), "val", k=5)
+    assert other != path
+    png = ev.plot_knn(ds, table, str(tmp_path / "knn.png"), n_queries=3, k=4)
+    im = Image.open(png)
+    assert im.format == "PNG" and im.width > 5 * 100 and im.height > 3 * 100
+
+
+def test_knn_cli(tmp_path, capsys):
+    rc = ev.main(["--knn", "--data", "synthetic", "--data-dir", str(tmp_path), "--split", "val", "--k", "3",
+                  "--device", "cpu", "--num-workers", "0", "--out", str(tmp_path / "k")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "kNN table (3 neighbours per image, 64 images)" in out
+    assert (tmp_path / "k" / "knn.png").exists()
