@@ -1,17 +1,40 @@
 #!/usr/bin/env bash
-# Fetch the PPAP datasets and DINO weights into the layout ppap.py expects.
-# Run `bash download.sh --help` for usage.
+# Fetch the PPAP datasets, the DINO / DINOv2 weights and the PPAP authors' checkpoints into the
+# layout ppap.py expects.  Run `bash download.sh --help` for usage.
 set -euo pipefail
+
+# The PPAP authors' released checkpoints (Google Drive file ids as given in their README), for
+# auditing; `bash download.sh checkpoints [DIR]` stores them as DIR/<local name> and writes this
+# table to DIR/checkpoints.tsv.  dataset / arch / patch use ppap.py's names.
+#  local name                 Google Drive file id               dataset    arch      patch
+PPAP_CKPTS=(
+  "ppap_cocostuff_vits8.pth   162h3jZfribkfHcGQ_6THp8mLYbnST_P0  cocostuff  vit_small 8"
+  "ppap_cocostuff_vits16.pth  1U6fsOnZJev5gj6LTjtb8x1iPjzjy1nOX  cocostuff  vit_small 16"
+  "ppap_cityscapes_vitb8.pth  1kATTeEH3LllmGz3PPyn34lyBxavSUGLe  cityscapes vit_base  8"
+  "ppap_potsdam_vitb8.pth     1CDngRnD8bVqzuILTmbink61hB4IUVzxE  potsdam    vit_base  8"
+)
 
 STEGO_MIRROR="${PPAP_STEGO_MIRROR:-https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data}"
 DINO_BASE="${PPAP_DINO_BASE:-https://dl.fbaipublicfiles.com/dino}"
+DINOV2_BASE="${PPAP_DINOV2_BASE:-https://dl.fbaipublicfiles.com/dinov2}"
 IMAGENET_S_BASE="${PPAP_IMAGENET_S_BASE:-https://github.com/LUSSeg/ImageNet-S/releases/download/ImageNet-S}"
+# Google Drive: the first request goes to DRIVE_BASE?export=download&id=ID; a "can't scan this file
+# for viruses" page is answered by resubmitting its form to DRIVE_CONFIRM_BASE.  For a file:// base
+# (the tests) the query becomes a path: BASE/export=download/id=ID (see drive_url).
+DRIVE_BASE="${PPAP_DRIVE_BASE:-https://drive.google.com/uc}"
+DRIVE_CONFIRM_BASE="${PPAP_DRIVE_CONFIRM_BASE:-https://drive.usercontent.google.com/download}"
 CITYSCAPES_SITE="https://www.cityscapes-dataset.com"
 DINO_FILES=(
   dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth
   dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth
   dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth
   dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth
+)
+DINOV2_FILES=(
+  dinov2_vits14/dinov2_vits14_pretrain.pth
+  dinov2_vitb14/dinov2_vitb14_pretrain.pth
+  dinov2_vits14/dinov2_vits14_reg4_pretrain.pth
+  dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth
 )
 # ImageNet-S annotation archives (masks only; the images come from ImageNet-1k).  The hex part
 # of each name is the archive's MD5 as published by the ImageNet-S authors (checked, warn only).
@@ -20,11 +43,11 @@ declare -A IMAGENET_S_ZIP=(
   [300]=ImageNetS300-dd8e42e156bac415a35c3c239de297bf.zip
   [919]=ImageNetS919-5f7f58ae1003d21da9409a8576bf7680.zip
 )
-DATASETS="cocostuff cityscapes potsdam imagenet-s weights all"
+DATASETS="cocostuff cityscapes potsdam imagenet-s weights checkpoints all"
 
 usage() {
   cat <<EOF
-usage: bash download.sh <cocostuff|cityscapes|potsdam|imagenet-s|weights|all> [DATA_DIR] [options]
+usage: bash download.sh <cocostuff|cityscapes|potsdam|imagenet-s|weights|checkpoints|all> [DATA_DIR] [options]
 
 Downloads (resumably), checks and extracts a dataset into DATA_DIR/<dataset>/, then checks the
 layout ppap.py expects and lists exactly what is missing.  DATA_DIR defaults to \$PPAP_DATA or ./data
@@ -36,8 +59,19 @@ layout ppap.py expects and lists exactly what is missing.  DATA_DIR defaults to 
   potsdam     STEGO mirror potsdam.zip    -> DATA_DIR/potsdam/{imgs,gt,labelled_train.txt,labelled_test.txt}
   imagenet-s  ImageNet-S masks (IMAGENET_S=50|300|919|all, default 50) -> DATA_DIR/imagenet-s/ImageNetS<K>/;
               the images are ImageNet-1k's: set IMAGENET_DIR=<dir with train/ and val/> to symlink them
-  weights     the four DINO checkpoints -> \${TORCH_HOME:-\${XDG_CACHE_HOME:-~/.cache}/torch}/hub/checkpoints/
-  all         all of the above (continues past failures; exit status 1 if any is incomplete)
+  weights     the four DINO and the four DINOv2 (ViT-S/14, ViT-B/14, each also with 4 registers)
+              checkpoints -> \${TORCH_HOME:-\${XDG_CACHE_HOME:-~/.cache}/torch}/hub/checkpoints/, named as
+              torch.hub stores them; WEIGHTS=dino|dinov2|all picks a set (default all; each set is
+              roughly 0.8-0.9 GB)
+  all         all of the above (continues past failures; exit status 1 if any is incomplete); not
+              the checkpoints below
+  checkpoints bash download.sh checkpoints [DIR]: the PPAP authors' four released checkpoints (for
+              auditing; not needed to train) from Google Drive into DIR (default \$PPAP_CHECKPOINTS or
+              ./checkpoints) as ppap_cocostuff_vits8.pth, ppap_cocostuff_vits16.pth,
+              ppap_cityscapes_vitb8.pth and ppap_potsdam_vitb8.pth, and DIR/checkpoints.tsv (a header
+              line, then per checkpoint: name, Drive file id, dataset, arch, patch, tab-separated).
+              When Drive refuses (quota, permissions) the error names the page to download the file
+              from by hand and the path to save it as.
 
 options:
   --check-only   only check the layout (no network); exit 1 and list what is missing if incomplete
@@ -45,14 +79,19 @@ options:
   --keep-zip     keep the archives after a successful extraction (default: delete them)
   -h, --help     this help
 
-Transfers resume: an interrupted download continues from DATA_DIR/.downloads/<file>.part
-(curl -C - / wget -c).  Sizes are compared with the server's Content-Length and archives are
-tested before extraction.  DOWNLOADER=curl|wget forces a client; PYTHON selects the interpreter
-used for zip fallbacks and file checks (default python3).
+Transfers resume: an interrupted download continues from DATA_DIR/.downloads/<file>.part, or from
+<file>.part next to a weight or checkpoint (curl -C - / wget -c).  Sizes are compared with the
+server's Content-Length, archives are tested before extraction, and weights and checkpoints must
+start like a torch checkpoint (a zip or a pickle), so an HTML error page is never kept.
+DOWNLOADER=curl|wget forces a client; PYTHON selects the interpreter used for zip fallbacks, file
+checks and reading Google Drive's confirmation page (default python3).  PPAP_STEGO_MIRROR,
+PPAP_DINO_BASE, PPAP_DINOV2_BASE, PPAP_IMAGENET_S_BASE, PPAP_DRIVE_BASE and PPAP_DRIVE_CONFIRM_BASE
+override where files come from.
 EOF
 }
 
-die() { echo "error: $*" >&2; exit 2; }
+die() { echo "error: $*" >&2; exit 2; }    # usage errors
+fail() { echo "error: $*" >&2; exit 1; }   # a failed download or check: one line, "what (url) -> what to do"
 say() { echo "[download.sh] $*"; }
 
 DATASET=""; DATA_DIR=""; CHECK_ONLY=0; DRY_RUN=0; KEEP_ZIP=0
@@ -70,6 +109,8 @@ for arg in "$@"; do
 done
 [ -n "$DATASET" ] || { usage >&2; die "no dataset given (one of: $DATASETS)"; }
 case " $DATASETS " in *" $DATASET "*) ;; *) die "unknown dataset '$DATASET' (one of: $DATASETS)" ;; esac
+CK_DIR="${DATA_DIR:-${PPAP_CHECKPOINTS:-./checkpoints}}"   # `checkpoints` only
+CK_DIR="${CK_DIR%/}"; CK_DIR="${CK_DIR:-/}"
 DATA_DIR="${DATA_DIR:-${PPAP_DATA:-./data}}"
 DATA_DIR="${DATA_DIR%/}"; DATA_DIR="${DATA_DIR:-/}"
 CKPT_DIR="${TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/torch}/hub/checkpoints"
@@ -89,7 +130,8 @@ if [ "$DATASET" = all ]; then
     bash "$0" "$d" "$DATA_DIR" ${flags[@]+"${flags[@]}"} || failed+=("$d")
   done
   if [ "${#failed[@]}" -gt 0 ]; then echo "error: incomplete: ${failed[*]}" >&2; exit 1; fi
-  say "all datasets and weights complete"
+  if [ "$DRY_RUN" = 1 ]; then say "dry run: nothing was downloaded (run it without --dry-run to fetch)"
+  else say "all datasets and weights complete"; fi
   exit 0
 fi
 
@@ -143,15 +185,258 @@ fetch() {  # fetch URL DEST [extra client args]: resumable, size-checked, atomic
     say "$part already complete"
   else
     say "fetching $url -> $dest${want:+ ($want bytes)}"
-    if [ "$DL" = curl ]; then curl -fL --retry 5 --retry-delay 5 -C - "$@" -o "$part" "$url"
-    else wget -c --tries=5 "$@" -O "$part" "$url"; fi
+    if [ "$DL" = curl ]; then curl -fL --retry 5 --retry-delay 5 -C - "$@" -o "$part" "$url" \
+      || fail "download failed, $DL exit status $? ($url) -> run the same command again to resume from $part"
+    else wget -c --tries=5 "$@" -O "$part" "$url" \
+      || fail "download failed, $DL exit status $? ($url) -> run the same command again to resume from $part"; fi
   fi
   have=$(file_size "$part")
   if [ -n "$want" ] && [ "$have" != "$want" ]; then
-    echo "error: $part has $have bytes, expected $want — run the same command again to resume" >&2
-    exit 1
+    fail "$part has $have bytes, expected $want ($url) -> run the same command again to resume"
+  fi
+  if [ -n "$VERIFY" ] && ! "$VERIFY" "$part"; then
+    local what; what=$(describe "$part"); rm -f "$part"
+    fail "$(basename "$dest") came as $what, not a torch checkpoint ($url) -> check the address (PPAP_*_BASE) and run the same command again"
   fi
   mv -f "$part" "$dest"
+}
+VERIFY=""   # set to ckpt_ok while fetching weights
+
+# ---------------------------------------------------------------- torch checkpoints, Google Drive
+ckpt_magic() {  # the first 4 bytes of $1 in hex
+  head -c 4 "$1" 2>/dev/null | od -An -tx1 | tr -d ' \n'
+}
+ckpt_start_ok() {  # $1 starts like torch.save output: a zip (PK\3\4) or a pickle (protocol 2-5)
+  case "$(ckpt_magic "$1")" in 504b0304|8002*|8003*|8004*|8005*) return 0 ;; *) return 1 ;; esac
+}
+ckpt_ok() {  # $1 is a whole torch checkpoint: it starts right and, as a zip, has its central directory
+  ckpt_start_ok "$1" || return 1
+  [ "$(ckpt_magic "$1")" = 504b0304 ] || return 0
+  # torch.save writes no zip comment: the end-of-central-directory record is the last 22 bytes
+  [ "$(tail -c 22 "$1" | head -c 4 | od -An -tx1 | tr -d ' \n')" != 504b0506 ] || return 0
+  [ -n "$PY" ] || return 1
+  "$PY" -c 'import sys, zipfile; sys.exit(0 if zipfile.is_zipfile(sys.argv[1]) else 1)' "$1" 2>/dev/null
+}
+part_whole() {  # $1 is a zip checkpoint with its central directory: whole (a pickle cannot tell)
+  [ "$(ckpt_magic "$1")" = 504b0304 ] && ckpt_ok "$1"
+}
+describe() {  # what $1 is, for an error line: "an HTML page ("<title>")", "an empty file", ...
+  local title
+  if [ ! -s "$1" ]; then echo "an empty file"; return 0; fi
+  if head -c 2048 "$1" | tr -d '\000' | grep -qiE '<html|<!doctype|<head|<body|<form|<title'; then
+    title=$(head -c 65536 "$1" | tr -d '\000' | tr '\r\n\t' '   ' \
+      | sed -n 's:.*<[Tt][Ii][Tt][Ll][Ee][^>]*>\([^<]*\)</[Tt][Ii][Tt][Ll][Ee]>.*:\1:p' | sed 's/  */ /g; s/^ //; s/ $//' | head -c 120)
+    echo "an HTML page${title:+ (\"$title\")}"
+  else
+    echo "$(file_size "$1") bytes starting with $(ckpt_magic "$1" | sed 's/../& /g; s/ $//')"
+  fi
+}
+
+drive_url() {  # drive_url BASE QUERY: BASE?QUERY; for a file:// BASE (tests): BASE/QUERY with each & as /
+  case "$1" in file://*) printf '%s/%s\n' "$1" "${2//&//}" ;; *) printf '%s?%s\n' "$1" "$2" ;; esac
+}
+
+cookie_args() {  # the client options that read and write the cookie jar $1
+  if [ "$DL" = curl ]; then printf '%s\n' -b "$1" -c "$1"
+  else printf '%s\n' "--load-cookies=$1" "--save-cookies=$1" --keep-session-cookies; fi
+}
+
+dl_probe() {  # dl_probe URL OUT JAR: the first 64 KiB of URL (a Drive page, or the file's start), any HTTP status
+  local c=(); mapfile -t c < <(cookie_args "$3")
+  if [ "$DL" = curl ]; then curl -sSL --retry 3 -r 0-65535 "${c[@]}" -o "$2" "$1"
+  else wget -q --tries=3 --content-on-error --header='Range: bytes=0-65535' "${c[@]}" -O "$2" "$1"; fi
+}
+
+dl_get() {  # dl_get URL OUT HEADERS [client args]: resumable GET into OUT, response headers saved in HEADERS
+  local url="$1" out="$2" hdr="$3" rc; shift 3
+  if [ "$DL" = curl ]; then
+    curl -fL --retry 5 --retry-delay 5 -C - -D "$hdr" "$@" -o "$out" "$url"
+  else   # wget -S prints the headers (indented) with its other messages on stderr
+    set +e
+    wget -c --tries=5 -S "$@" -O "$out" "$url" 2>&1 | tee "$hdr" >&2
+    rc=${PIPESTATUS[0]}
+    set -e
+    return "$rc"
+  fi
+}
+
+resp_total() {  # the whole file's size from the last response in a header dump (curl -D / wget -S), or ""
+  tr -d '\r' <"$1" | awk '
+    { sub(/^[ \t]+/, "") }
+    /^HTTP\// { code = $2; len = ""; tot = ""; next }
+    tolower($1) == "content-length:" && $2 ~ /^[0-9]+$/ { len = $2 }
+    tolower($1) == "content-range:" { n = split($0, a, "/"); if (a[n] ~ /^[0-9]+$/) tot = a[n] }
+    END { if (tot != "") print tot; else if (code == "" || code == "200") print len }'
+}
+
+resp_status() {  # the HTTP status of the last response in a header dump, or ""
+  tr -d '\r' <"$1" | awk '{ sub(/^[ \t]+/, "") } /^HTTP\// { code = $2 } END { print code }'
+}
+
+drive_confirm() {  # drive_confirm PAGE JAR ID: "BASE<tab>QUERY" of the file behind Drive's warning page
+  [ -n "$PY" ] || return 1
+  "$PY" - "$1" "$2" "$3" "$DRIVE_BASE" "${PPAP_DRIVE_BASE:-}" "$DRIVE_CONFIRM_BASE" "${PPAP_DRIVE_CONFIRM_BASE:-}" <<'PYEOF'
+import html.parser, re, sys, urllib.parse
+page, jar, fid, first, first_set, confirm, confirm_set = sys.argv[1:8]
+text = open(page, 'rb').read().decode('utf-8', 'replace')
+
+def google(url):  # an absolute https address on a Google host, as the page gives it
+    u = urllib.parse.urlsplit(url)
+    return u.scheme == 'https' and (u.hostname or '').endswith('.google.com')
+
+class Page(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.forms, self.links, self.form = [], [], None
+    def handle_starttag(self, tag, attrs):
+        a = {k.lower(): (v or '') for k, v in attrs}
+        if tag == 'form':
+            self.form = (a.get('action', ''), [])
+            self.forms.append(self.form)
+        elif tag == 'input' and self.form is not None and a.get('type', '').lower() == 'hidden' and a.get('name'):
+            self.form[1].append((a['name'], a.get('value', '')))
+        elif tag == 'a' and 'confirm=' in a.get('href', ''):
+            self.links.append(a['href'])
+    def handle_endtag(self, tag):
+        if tag == 'form':
+            self.form = None
+
+def found(base, default, override, params):
+    base = override or (base if google(base) else default)
+    print(urllib.parse.urlsplit(base)._replace(query='', fragment='').geturl() + '\t' + urllib.parse.urlencode(params))
+    sys.exit(0)
+
+p = Page()
+p.feed(text)
+# today's "can't scan this file for viruses" page: a form whose hidden inputs (id, export, confirm,
+# uuid, ...) a browser sends to drive.usercontent.google.com/download
+for action, params in p.forms:
+    if any(k == 'confirm' for k, _ in params):
+        found(action, confirm, confirm_set, params)
+# older pages: a link /uc?export=download&confirm=TOKEN&id=ID (relative to drive.google.com)
+for href in p.links:
+    params = urllib.parse.parse_qsl(urllib.parse.urlsplit(href).query, keep_blank_values=True)
+    if any(k == 'confirm' and v for k, v in params):
+        if not any(k == 'id' for k, _ in params):
+            params.append(('id', fid))
+        found(href, first, first_set, params)
+# a confirm token elsewhere in the page, or in a download_warning cookie
+m = re.search(r'confirm=([0-9A-Za-z_-]+)', text)
+token = m.group(1) if m else ''
+if not token:
+    for line in open(jar, errors='replace'):
+        f = line.rstrip('\n').split('\t')
+        if len(f) == 7 and f[5].startswith('download_warning'):
+            token = f[6]
+if token:
+    found('', first, first_set, [('export', 'download'), ('confirm', token), ('id', fid)])
+sys.exit(1)
+PYEOF
+}
+
+drive_fetch() {  # drive_fetch NAME ID: one of the authors' checkpoints from Google Drive into CK_DIR/NAME
+  local name="$1" id="$2" dest="$CK_DIR/$1" part="$CK_DIR/$1.part" tmp="$CK_DIR/.$1.drive"
+  local first url line base query want have had what rc c=()
+  local manual="download it by hand from https://drive.google.com/file/d/$id/view and save it as $dest"
+  first=$(drive_url "$DRIVE_BASE" "export=download&id=$id")
+  if [ "$DRY_RUN" = 1 ]; then
+    if [ "$DL" = curl ]; then run curl -sSL -r 0-65535 -b "$tmp/cookies" -c "$tmp/cookies" -o "$tmp/page" "$first"
+    else run wget -q --content-on-error --header='Range: bytes=0-65535' "--load-cookies=$tmp/cookies" \
+      "--save-cookies=$tmp/cookies" --keep-session-cookies -O "$tmp/page" "$first"; fi
+    echo "  FILE_URL: that URL when it sends the file, or from the form on Drive's confirmation page ($DRIVE_CONFIRM_BASE?...)"
+    if [ "$DL" = curl ]; then run curl -fL --retry 5 --retry-delay 5 -C - -b "$tmp/cookies" -o "$part" FILE_URL
+    else run wget -c --tries=5 "--load-cookies=$tmp/cookies" -O "$part" FILE_URL; fi
+    run mv -f "$part" "$dest"
+    return 0
+  fi
+  if [ -f "$dest" ]; then
+    if ckpt_ok "$dest"; then say "have $dest"; return 0; fi
+    say "$dest is $(describe "$dest"), not a torch checkpoint: fetching it again"
+    rm -f "$dest"
+  fi
+  if part_whole "$part"; then mv -f "$part" "$dest"; say "saved $dest (it was whole in $part)"; return 0; fi
+  rm -rf "$tmp"; mkdir -p "$tmp"; : >"$tmp/cookies"
+  # shellcheck disable=SC2064  # (expanded now on purpose: $tmp is local; drive_fetch runs in a subshell)
+  trap "rm -rf $(printf %q "$tmp")" EXIT
+  mapfile -t c < <(cookie_args "$tmp/cookies")
+  say "asking Google Drive for $name (file id $id)"
+  dl_probe "$first" "$tmp/page" "$tmp/cookies" || true
+  if [ ! -s "$tmp/page" ]; then
+    fail "got nothing from Google Drive for $name ($first) -> check the connection and run the same command again, or $manual"
+  elif ckpt_start_ok "$tmp/page"; then   # no confirmation needed: the file itself
+    url="$first"
+    if [ "$(file_size "$tmp/page")" -gt 65536 ] && [ "$(file_size "$tmp/page")" -gt "$(file_size "$part")" ]; then
+      mv -f "$tmp/page" "$part"   # the server ignored the range and sent it all: keep it
+    fi
+  elif line=$(drive_confirm "$tmp/page" "$tmp/cookies" "$id"); then
+    IFS=$'\t' read -r base query <<<"$line"
+    url=$(drive_url "$base" "$query")
+  else
+    what=$(describe "$tmp/page"); [ -n "$PY" ] || what="$what (and there is no python to read it)"
+    fail "Google Drive sent $what instead of $name ($first) -> $manual"
+  fi
+  : >"$tmp/headers"; rc=0
+  if part_whole "$part"; then say "$part is whole"
+  else
+    say "fetching $url -> $dest"
+    had=$(file_size "$part")
+    dl_get "$url" "$part" "$tmp/headers" "${c[@]}" || rc=$?
+    if [ "$rc" != 0 ] && [ "$had" -gt 0 ] && { [ "$rc" = 33 ] || [ "$(resp_status "$tmp/headers")" = 200 ]; }; then
+      say "the server cannot resume $part: starting over"   # (it answered the range request with the whole file)
+      rm -f "$part"; rc=0
+      dl_get "$url" "$part" "$tmp/headers" "${c[@]}" || rc=$?
+    fi
+  fi
+  if [ "$rc" != 0 ] && [ "$(resp_status "$tmp/headers")" = 416 ] && ckpt_ok "$part"; then
+    rc=0   # "range not satisfiable": the .part was already whole
+  fi
+  if [ "$rc" != 0 ]; then
+    if [ -f "$part" ] && ! ckpt_start_ok "$part"; then rm -f "$part"; fi
+    fail "download of $name failed, $DL exit status $rc ($url) -> run the same command again to resume, or $manual"
+  fi
+  want=$(resp_total "$tmp/headers"); have=$(file_size "$part")
+  if [ -n "$want" ] && [ "$have" != "$want" ]; then
+    fail "$part has $have bytes, expected $want ($url) -> run the same command again to resume"
+  fi
+  if ! ckpt_start_ok "$part"; then
+    what=$(describe "$part"); rm -f "$part"
+    fail "Google Drive sent $what instead of $name ($url) -> $manual"
+  fi
+  if ! ckpt_ok "$part"; then
+    fail "$part is an incomplete zip ($url) -> run the same command again to resume, or $manual"
+  fi
+  mv -f "$part" "$dest"
+  say "saved $dest ($have bytes)"
+}
+
+write_manifest() {  # CK_DIR/checkpoints.tsv: which local file is which checkpoint
+  local row name id ds arch patch tmp="$CK_DIR/checkpoints.tsv.tmp"
+  mkdir -p "$CK_DIR"
+  printf 'name\tfile_id\tdataset\tarch\tpatch\n' >"$tmp"
+  for row in "${PPAP_CKPTS[@]}"; do
+    read -r name id ds arch patch <<<"$row"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$id" "$ds" "$arch" "$patch" >>"$tmp"
+  done
+  mv -f "$tmp" "$CK_DIR/checkpoints.tsv"
+}
+
+checkpoints() {  # the four, each in a subshell so that one refusal does not stop the others
+  local row name id ds arch patch rc failed=()
+  run mkdir -p "$CK_DIR"
+  for row in "${PPAP_CKPTS[@]}"; do
+    read -r name id ds arch patch <<<"$row"
+    say "$name <- Google Drive file $id ($ds, $arch/$patch)"
+    set +e
+    ( set -e; drive_fetch "$name" "$id" )
+    rc=$?
+    set -e
+    [ "$rc" = 0 ] || failed+=("$name")
+  done
+  if [ "${#failed[@]}" -gt 0 ]; then   # each failure has printed its error line
+    check_layout checkpoints || true
+    say "not fetched: ${failed[*]} (see the error lines above)"
+    exit 1
+  fi
 }
 
 zip_test() {
@@ -166,7 +451,7 @@ zip_test() {
       >/dev/null 2>&1 && ok=1
   else say "no unzip and no python: cannot test $1"; ok=1; fi
   if [ "$ok" != 1 ]; then
-    echo "error: $1 is corrupt; delete it and run the same command again" >&2; exit 1
+    echo "error: $1 is corrupt (its zip test failed) -> delete it and run the same command again" >&2; exit 1
   fi
 }
 
@@ -195,6 +480,10 @@ finish_zip() { if [ "$KEEP_ZIP" = 0 ]; then run rm -f "$1"; fi; }
 # ---------------------------------------------------------------- layout checks
 MISSING=0
 need() { if [ ! -e "$1" ]; then echo "missing: $1"; MISSING=$((MISSING + 1)); fi; }
+need_ckpt() {  # need_ckpt PATH [WHERE FROM]: PATH is a whole torch checkpoint
+  if [ ! -e "$1" ]; then echo "missing: $1${2:+ (from $2)}"; MISSING=$((MISSING + 1))
+  elif ! ckpt_ok "$1"; then echo "invalid: $1 is $(describe "$1"), not a torch checkpoint${2:+ (from $2)}"; MISSING=$((MISSING + 1)); fi
+}
 
 py_missing() {  # python script on stdin prints 'missing: ...' lines, then the number missing
   local out
@@ -240,6 +529,14 @@ print(len(miss))
 PYEOF
 }
 
+WEIGHT_URLS=()   # the weights to fetch, by WEIGHTS=dino|dinov2|all
+case "${WEIGHTS:-all}" in
+  dino|dinov2|all) ;;
+  *) [ "$DATASET" != weights ] || die "WEIGHTS must be dino, dinov2 or all, not '${WEIGHTS}'" ;;
+esac
+case "${WEIGHTS:-all}" in dino|all) for f in "${DINO_FILES[@]}"; do WEIGHT_URLS+=("$DINO_BASE/$f"); done ;; esac
+case "${WEIGHTS:-all}" in dinov2|all) for f in "${DINOV2_FILES[@]}"; do WEIGHT_URLS+=("$DINOV2_BASE/$f"); done ;; esac
+
 case "${IMAGENET_S:-50}" in
   50|300|919) IMAGENET_S_VARIANTS="${IMAGENET_S:-50}" ;;
   all) IMAGENET_S_VARIANTS="50 300 919" ;;
@@ -281,18 +578,25 @@ check_layout() {
         done
       done ;;
     weights)
-      for f in "${DINO_FILES[@]}"; do need "$CKPT_DIR/$(basename "$f")"; done ;;
+      for s in "${WEIGHT_URLS[@]}"; do need_ckpt "$CKPT_DIR/$(basename "$s")"; done ;;
+    checkpoints)
+      for s in "${PPAP_CKPTS[@]}"; do
+        read -r k _ <<<"$s"
+        need_ckpt "$CK_DIR/$k" "$(awk '{print "https://drive.google.com/file/d/" $2 "/view"}' <<<"$s")"
+      done
+      need "$CK_DIR/checkpoints.tsv" ;;
   esac
 }
 
 report_layout() {  # report_layout NAME: exit 0 when complete, 1 (with the list) otherwise
-  local where="$DATA_DIR/$1"
+  local where="$DATA_DIR/$1" pre="" arg="$DATA_DIR"
   [ "$1" = weights ] && where="$CKPT_DIR"
+  [ "$1" = checkpoints ] && where="$CK_DIR" && arg="$CK_DIR"
   check_layout "$1"
   if [ "$MISSING" -eq 0 ]; then say "OK: $1 complete in $where"; return 0; fi
-  local pre=""
   [ "$1" = imagenet-s ] && pre="IMAGENET_DIR=<ImageNet-1k dir> "
-  echo "error: $1 incomplete in $where ($MISSING missing) — run: ${pre}bash download.sh $1 $DATA_DIR" >&2
+  [ "$1" = weights ] && [ -n "${WEIGHTS:-}" ] && pre="WEIGHTS=$WEIGHTS "
+  echo "error: $1 incomplete in $where ($MISSING missing or invalid) — run: ${pre}bash download.sh $1 $arg" >&2
   return 1
 }
 
@@ -408,13 +712,22 @@ imagenet_s() {
 }
 
 weights() {
-  local f
+  local url dest
   run mkdir -p "$CKPT_DIR"
-  for f in "${DINO_FILES[@]}"; do fetch "$DINO_BASE/$f" "$CKPT_DIR/$(basename "$f")"; done
+  VERIFY=ckpt_ok
+  for url in "${WEIGHT_URLS[@]}"; do
+    dest="$CKPT_DIR/$(basename "$url")"
+    if [ "$DRY_RUN" = 0 ] && [ -f "$dest" ] && ! ckpt_ok "$dest"; then
+      say "$dest is $(describe "$dest"), not a torch checkpoint: fetching it again"; rm -f "$dest"
+    fi
+    fetch "$url" "$dest"
+  done
+  VERIFY=""
 }
 
 # ---------------------------------------------------------------- main
 if [ "$CHECK_ONLY" = 1 ]; then report_layout "$DATASET"; exit $?; fi
+if [ "$DATASET" = checkpoints ] && [ "$DRY_RUN" = 0 ]; then write_manifest; fi
 
 if [ "$DRY_RUN" = 0 ] && check_layout "$DATASET" >/dev/null 2>&1 && [ "$MISSING" -eq 0 ]; then
   say "OK: $DATASET already complete (nothing to do)"
@@ -428,12 +741,13 @@ case "$DATASET" in
     if [ -n "${CITYSCAPES_USERNAME:-}" ] && [ -n "${CITYSCAPES_PASSWORD:-}" ]; then cityscapes_official
     else
       say "no CITYSCAPES_USERNAME/CITYSCAPES_PASSWORD: trying the STEGO mirror"
-      trap 'rc=$?; if [ "$rc" -ne 0 ]; then echo "error: the STEGO mirror for cityscapes failed" >&2; cityscapes_steps; fi' EXIT
+      trap 'rc=$?; if [ "$rc" -ne 0 ]; then echo "[download.sh] the STEGO mirror for cityscapes failed" >&2; cityscapes_steps; fi' EXIT
       stego_dataset cityscapes
       trap - EXIT
     fi ;;
   imagenet-s) imagenet_s ;;
   weights) weights ;;
+  checkpoints) checkpoints ;;
 esac
-[ "$DRY_RUN" = 1 ] && exit 0
+if [ "$DRY_RUN" = 1 ]; then say "dry run: nothing was downloaded"; exit 0; fi
 report_layout "$DATASET"
