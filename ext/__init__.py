@@ -4,27 +4,37 @@
 
 The C++/CUDA libraries are built on first use (see ``ext/_build.py``; call
 ``ext.load()`` to build eagerly).  Ops run on the device of their inputs: CPU
-always, CUDA when the CUDA library could be built.  ``PPAP_EXT_REFERENCE=1``
-switches both functions to the plain-PyTorch references (debugging only; the
-CRF reference is O(P^2)).  A failed build raises ``BuildError``; there is no
-silent fallback.
+always, CUDA when the CUDA library could be built (``ext.cuda_usable()`` says
+whether it can be, without building).  ``PPAP_EXT_REFERENCE=1`` switches both
+functions to the plain-PyTorch references (debugging only; the CRF reference
+is O(P^2)).  A failed build raises ``BuildError``; there is no silent fallback.
+
+The first CUDA call of each op on each device compares the CUDA kernel with
+the CPU kernel on a small fixed input and raises ``SelfCheckError`` if they
+disagree (``ext.self_check``; ``PPAP_EXT_SKIP_SELFCHECK=1`` skips it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
-from ._build import BuildError, cuda_buildable, load_cpu, load_cuda
+from ._build import BuildError, cuda_buildable, cuda_usable, load_cpu, load_cuda
+from ._selfcheck import SelfCheckError, maybe_self_check, self_check
 from .reference import dense_crf_reference, topk_neighbors_reference
 
 __all__ = [
     "BuildError",
+    "MAX_LATTICE_FEATURE",
+    "SelfCheckError",
+    "cuda_usable",
     "dense_crf",
     "dense_crf_reference",
     "load",
+    "self_check",
     "topk_neighbors",
     "topk_neighbors_reference",
 ]
@@ -35,7 +45,10 @@ DEFAULT_TILE_BYTES = {False: 64 << 20, True: 256 << 20}  # keyed by "is CUDA"
 
 
 def load(device: torch.device | str | None = None) -> None:
-    """Builds/loads the libraries for `device` (default: every usable device)."""
+    """Builds/loads the libraries for `device` (default: every usable device).
+
+    load("cpu") builds only the CPU library and never needs nvcc.
+    """
     load_cpu()
     if device is None:
         if cuda_buildable():
@@ -65,20 +78,28 @@ def topk_neighbors(q: torch.Tensor, keys: torch.Tensor, k: int, cosine: bool = T
     """The k most similar keys of every query, without forming all similarities.
 
     q: [B, M, D] or [M, D]; keys: [B, K, D] or [K, D] (same dtype and device).
-    cosine=True compares L2-normalised vectors, False raw dot products.
-    Returns (values, indices), each [B, M, k] (or [M, k]), sorted descending;
-    values have q's dtype, indices are int64 key positions.  Values equal
-    torch.topk(q @ keys^T) up to GEMM rounding (blocked products may round
-    differently); indices may differ only among equal similarities.
+    cosine=True compares L2-normalised vectors (normalised and compared in
+    float32 whatever the input dtype, so that half-precision zero rows give 0,
+    not NaN), False raw dot products (in the input dtype).
+    Returns (values, indices), each [B, M, k] (or [M, k]), sorted descending
+    as torch.topk sorts: NaN above every number, equal similarities lowest key
+    index first (on CPU and CUDA alike); values have q's dtype, indices are
+    int64 key positions.  Values equal torch.topk(q @ keys^T) up to GEMM
+    rounding (blocked products may round differently); indices may differ only
+    among equal similarities.
     key_tile / query_block set the tile shape (defaults keep the similarity
     scratch at 64 MiB on CPU, 256 MiB on CUDA).
     """
     _check_topk_inputs(q, keys, k)
+    out_dtype = q.dtype
     if cosine:
-        q = F.normalize(q, dim=-1)
-        keys = F.normalize(keys, dim=-1)
+        # In float32: F.normalize's eps (1e-12) underflows to 0 in half
+        # precision, and 0 / 0 would make a zero row NaN.
+        q = F.normalize(q.float(), dim=-1)
+        keys = F.normalize(keys.float(), dim=-1)
     if _use_reference():
-        return topk_neighbors_reference(q, keys, k, cosine=False)
+        values, indices = topk_neighbors_reference(q, keys, k, cosine=False)
+        return values.to(out_dtype), indices
     if not isinstance(key_tile, int) or key_tile < 1:
         raise ValueError(f"topk_neighbors: key_tile must be a positive int, got {key_tile!r}")
     if query_block is None:
@@ -87,10 +108,13 @@ def topk_neighbors(q: torch.Tensor, keys: torch.Tensor, k: int, cosine: bool = T
         raise ValueError(f"topk_neighbors: query_block must be a positive int, got {query_block!r}")
 
     _ensure_loaded_for(q)
+    if q.is_cuda:
+        maybe_self_check("topk_neighbors", q.device)
     batched = q.dim() == 3
     qb = (q if batched else q[None]).contiguous()
     kb = (keys if batched else keys[None]).contiguous()
     values, indices = torch.ops.ppap_ext.topk_neighbors(qb, kb, k, key_tile, query_block)
+    values = values.to(out_dtype)
     return (values, indices) if batched else (values[0], indices[0])
 
 
@@ -123,16 +147,25 @@ def dense_crf(image: torch.Tensor, probs: torch.Tensor, iters: int = 10, pos_xy:
 
     image: uint8 [B, H, W, 3] or [H, W, 3], channels in the order the bilateral
     features should use (PPAP passes BGR, like the original code); probs:
-    class probabilities [B, C, H, W] or [C, H, W] (any float dtype; the unary
-    is -log(clip(p, 1e-5, 1))).  Kernels: Gaussian on position (pos_xy,
+    class probabilities [B, C, H, W] or [C, H, W] (any float dtype, finite; the
+    unary is -log(clip(p, 1e-5, 1))).  Kernels: Gaussian on position (pos_xy,
     weight pos_w) and bilateral on position and colour (bi_xy, bi_rgb,
     weight bi_w).  Returns Q, float32, shaped like probs.
+
+    Raises ValueError for NaN/inf probabilities and for standard deviations
+    so small that the lattice features (pixel coordinate / pos_xy or bi_xy,
+    channel value / bi_rgb) would exceed MAX_LATTICE_FEATURE = 2^17:
+    pos_xy, bi_xy >= max(H, W) / 2^17 and bi_rgb >= 255 / 2^17 (~0.002).
     """
     _check_crf_inputs(image, probs, iters, (pos_xy, bi_xy, bi_rgb), (pos_w, bi_w))
     args = (int(iters), float(pos_xy), float(pos_w), float(bi_xy), float(bi_rgb), float(bi_w))
+    _check_crf_features(probs, *args[1:])
+    _check_finite_probs(probs)
     if _use_reference():
         return dense_crf_reference(image, probs, *args)
     _ensure_loaded_for(probs)
+    if probs.is_cuda:
+        maybe_self_check("dense_crf", probs.device)
     batched = probs.dim() == 4
     img = (image if batched else image[None]).contiguous()
     prb = (probs if batched else probs[None]).to(torch.float32).contiguous()
@@ -161,6 +194,44 @@ def _check_crf_inputs(image, probs, iters, sigmas, weights) -> None:
         raise ValueError(f"dense_crf: iters must be a non-negative int, got {iters!r}")
     if any(not float(s) > 0 for s in sigmas):
         raise ValueError(f"dense_crf: pos_xy, bi_xy, bi_rgb must be > 0, got {sigmas}")
-    if any(float(w) != float(w) for w in weights):
-        raise ValueError(f"dense_crf: weights must be numbers, got {weights}")
+    if any(not math.isfinite(float(w)) for w in weights):
+        raise ValueError(f"dense_crf: weights pos_w, bi_w must be finite numbers, got {weights}")
+
+
+# Largest lattice feature magnitude (csrc/lattice_geometry.h, kMaxFeature):
+# beyond it float rounding scatters the permutohedral lattice computation.
+MAX_LATTICE_FEATURE = 2.0 ** 17
+
+
+def _check_crf_features(probs, pos_xy, pos_w, bi_xy, bi_rgb, bi_w) -> None:
+    """Refuses standard deviations that push lattice features past the limit
+    (kernels with weight 0 are not built, so theirs are not checked)."""
+    height, width = probs.shape[-2:]
+    extent = max(height, width)  # bounds |coordinate| / sxy by extent / sxy
+    limit = MAX_LATTICE_FEATURE
+    checks = []  # (name, sigma, largest numerator, feature)
+    if pos_w != 0:
+        checks.append(("pos_xy", pos_xy, extent, "pixel coordinate"))
+    if bi_w != 0:
+        checks.append(("bi_xy", bi_xy, extent, "pixel coordinate"))
+        checks.append(("bi_rgb", bi_rgb, 255, "channel value"))
+    for name, sigma, top, what in checks:
+        if top / sigma > limit:
+            raise ValueError(
+                f"dense_crf: {name}={sigma:g} is too small for a {height}x{width} image: the "
+                f"lattice features ({what} / {name}, up to {top} / {name} = {top / sigma:.3g}) "
+                f"must stay <= 2^17 = {limit:.0f}; use {name} >= {top / limit:.3g} (or a weight "
+                "of 0 to drop the kernel)")
+
+
+def _check_finite_probs(probs: torch.Tensor) -> None:
+    finite = torch.isfinite(probs)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero()[0].tolist()
+    count = int((~finite).sum())
+    where = ", ".join(str(i) for i in bad)
+    raise ValueError(f"dense_crf: probs contain {count} NaN/inf value(s) (first at index "
+                     f"[{where}]: {probs[tuple(bad)].item()}); the CRF would spread them over the "
+                     "whole image")
 

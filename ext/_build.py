@@ -5,12 +5,16 @@ Two shared libraries are built with torch.utils.cpp_extension.load (ninja):
 * ``ppap_ext_cpu``  - defines the ``ppap_ext`` op schemas and the CPU kernels;
   always built.
 * ``ppap_ext_cuda`` - registers the CUDA kernels for the same ops; built only
-  when ``torch.cuda.is_available()`` and nvcc is found.
+  when ``torch.cuda.is_available()`` and nvcc is found, for the architectures
+  of TORCH_CUDA_ARCH_LIST (default: the visible GPUs, with PTX of the highest;
+  without a GPU "8.0;9.0+PTX").
 
 Both are plain libraries (no Python module): loading one runs its
 TORCH_LIBRARY registrations and the ops appear under ``torch.ops.ppap_ext``.
-Builds go to ``ext/build/<name>`` (or ``$TORCH_EXTENSIONS_DIR/<name>``) and
-are reused until a source or flag changes; ``MAX_JOBS`` limits the parallel
+Builds go to ``ext/build/<name>`` (or ``$TORCH_EXTENSIONS_DIR/<name>``; the
+CUDA folder's name carries the architectures, e.g. ``ppap_ext_cuda_sm80_90_ptx``,
+so that machines with different GPUs sharing a checkout keep separate builds)
+and are reused until a source or flag changes; ``MAX_JOBS`` limits the parallel
 compile jobs as usual.  Failures are reported as a one-line ``BuildError``
 naming a log file with the full compiler output.
 """
@@ -35,16 +39,23 @@ CUDA_NAME = "ppap_ext_cuda"
 CPU_SOURCES = ("ops_cpu.cpp", "topk_cpu.cpp", "crf_cpu.cpp")
 CUDA_SOURCES = ("ops_cuda.cpp", "topk_cuda.cu", "crf_cuda.cu")
 # Used when no GPU is visible to pick architectures (e.g. compile-only checks).
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# PTX of the highest architecture lets newer GPUs (Blackwell, ...) JIT-compile
+# the kernels; without any PTX they fail at the first launch.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 # OpenMP is what makes at::parallel_for parallel: it is a header template that
 # runs serially unless the including file is compiled with _OPENMP.  The
 # library then shares the libgomp that torch has already loaded (same soname).
 OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
-CXX_FLAGS = ["-O3", *OPENMP_FLAGS]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+# No contraction of a * b + c into fused multiply-adds, on either side: the
+# lattice geometry (csrc/lattice_geometry.h) is shared by the CPU and CUDA
+# kernels and must round the same way in both (nvcc contracts by default,
+# which moved the CUDA CRF from pydensecrf by up to 2.4e-4 at 480x640, 27 classes).
+CXX_FLAGS = ["-O3", "-ffp-contract=off", *OPENMP_FLAGS]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--fmad=false", "-Xcompiler=-ffp-contract=off"]
 
 _state_lock = threading.Lock()
 _loaded: dict[str, str] = {}  # library name -> path of the loaded .so
+_cuda_ready: str | None = None  # the CUDA library, once loaded and found to run on the GPUs
 
 
 class BuildError(RuntimeError):
@@ -73,31 +84,61 @@ def cuda_buildable() -> bool:
     return torch.cuda.is_available() and torch.version.cuda is not None and nvcc_path() is not None
 
 
+def cuda_usable() -> bool:
+    """True when CUDA tensors can use the kernels: a GPU is visible, PyTorch has
+    CUDA, nvcc is present, and the architectures to build run on every visible
+    GPU.  (The build itself may still fail; that raises BuildError on use.)"""
+    if not cuda_buildable():
+        return False
+    try:
+        check_devices_supported(cuda_arch_list())
+    except BuildError:
+        return False
+    return True
+
+
 def load_cpu() -> str:
     """Builds (if needed) and loads the CPU library; returns its path."""
     return _load(CPU_NAME, CPU_SOURCES, with_cuda=False)
 
 
 def load_cuda() -> str:
-    """Builds (if needed) and loads the CUDA library (after the CPU one)."""
+    """Builds (if needed) and loads the CUDA library (after the CPU one).
+
+    Raises BuildError if the library's architectures cannot run on a visible
+    GPU (checked before building, and against the built gencode flags).
+    """
+    global _cuda_ready
+    if _cuda_ready is not None:  # built, loaded and checked (every CUDA op call gets here)
+        return _cuda_ready
     load_cpu()  # the schemas must exist before CUDA kernels register for them
     if torch.version.cuda is None:
-        raise BuildError("ext: this PyTorch build has no CUDA support; CUDA kernels cannot be built")
+        raise BuildError("ext: this PyTorch build has no CUDA support; CUDA kernels cannot be "
+                         "built")
     if nvcc_path() is None:
         raise BuildError("ext: CUDA tensors need the CUDA kernels, but nvcc was not found; "
                          "install the CUDA toolkit or set CUDA_HOME")
-    return _load(CUDA_NAME, CUDA_SOURCES, with_cuda=True)
+    archs = cuda_arch_list()
+    check_devices_supported(archs)
+    path = _load(CUDA_NAME, CUDA_SOURCES, with_cuda=True, archs=archs)
+    check_devices_supported(archs, built=_built_cuda_targets(Path(path).parent / "build.ninja"))
+    _cuda_ready = path
+    return path
 
 
 def build_cuda_only() -> str:
     """Compiles and links the CUDA library without needing a GPU (for checks).
 
-    Architectures come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0" when no GPU
-    is visible).  The library is loaded too, which only registers kernels.
+    Architectures come from TORCH_CUDA_ARCH_LIST (default DEFAULT_CUDA_ARCHS
+    when no GPU is visible).  The library is loaded too, which only registers
+    kernels.
     """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     return load_cuda()
+
+
+def cuda_build_dir() -> Path:
+    """The build folder of the CUDA library for the current architectures."""
+    return build_root() / f"{CUDA_NAME}_{cuda_arch_tag(cuda_arch_list())}"
 
 
 def _cuda_link_flags() -> list[str]:
@@ -136,42 +177,160 @@ def _nvcc_toolkit_dirs(nvcc: str) -> list[Path]:
     return [Path(t.strip()).resolve() for t in tops[:1]]
 
 
-def _cuda_arch_tag() -> str:
-    """A token naming the target architectures.
+# ------------------------------------------------------------- CUDA architectures
+#
+# TORCH_CUDA_ARCH_LIST entries are "M.m", "M.m+PTX" or "M.ma" / "M.mf"
+# (architecture-specific / family variants), separated by ";" or spaces; a
+# few names stand for lists.  An entry builds SASS for sm_Mm, and with +PTX
+# also PTX for compute_Mm.  SASS runs on GPUs of the same major version and
+# an equal or higher minor ("a" variants: the same version only); PTX is
+# JIT-compiled by the driver for any equal or higher compute capability.
 
-    cpp_extension does not rebuild when TORCH_CUDA_ARCH_LIST changes, so the
-    token goes into the compile flags, whose changes do trigger a rebuild.
+_NAMED_ARCHS = {  # the names of cpp_extension's TORCH_CUDA_ARCH_LIST for recent GPUs
+    "Turing": "7.5+PTX",
+    "Ampere": "8.0;8.6+PTX",
+    "Ada": "8.9+PTX",
+    "Hopper": "9.0+PTX",
+    "Blackwell": "10.0;10.3;12.0;12.1+PTX",
+}
+_ARCH_RE = re.compile(r"^(\d+)\.(\d)([af]?)(\+PTX)?$")
+
+
+def cuda_arch_list() -> str:
+    """The TORCH_CUDA_ARCH_LIST the CUDA library is (to be) built for.
+
+    TORCH_CUDA_ARCH_LIST if set (and not "native"); else the visible GPUs'
+    compute capabilities, capped at what this PyTorch supports, with PTX of the
+    highest (as cpp_extension derives it); else DEFAULT_CUDA_ARCHS.
     """
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if not archs and torch.cuda.is_available():
-        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        archs = ";".join(f"{a}.{b}" for a, b in sorted(caps))
-    if not archs:
-        archs = DEFAULT_CUDA_ARCHS
-        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    return re.sub(r"[^0-9A-Za-z]+", "_", archs)
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if archs and archs != "native":
+        return archs
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        torch_sms = [int(m.group(1)) for a in torch.cuda.get_arch_list()
+                     if (m := re.match(r"sm_(\d+)", a))]
+        cap_max = max(((sm // 10, sm % 10) for sm in torch_sms), default=None)
+        caps = set()
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            caps.add(min(cap, cap_max) if cap_max else cap)
+        entries = [f"{a}.{b}" for a, b in sorted(caps)]
+        entries[-1] += "+PTX"
+        return ";".join(entries)
+    return DEFAULT_CUDA_ARCHS
 
 
-def _load(name: str, sources: tuple[str, ...], with_cuda: bool) -> str:
+def parse_arch_list(archs: str) -> list[tuple[int, int, str, bool]] | None:
+    """[(major, minor, variant, with_ptx)] of an arch list; None if not understood."""
+    text = archs.replace(" ", ";")
+    for name in sorted(_NAMED_ARCHS, key=len, reverse=True):
+        text = text.replace(name, _NAMED_ARCHS[name])
+    entries = []
+    for item in filter(None, text.split(";")):
+        m = _ARCH_RE.match(item)
+        if m is None:
+            return None
+        entries.append((int(m.group(1)), int(m.group(2)), m.group(3), m.group(4) is not None))
+    return entries or None
+
+
+def cuda_arch_tag(archs: str) -> str:
+    """A file-name token for an arch list, e.g. "8.0;9.0+PTX" -> "sm80_90_ptx"."""
+    entries = parse_arch_list(archs)
+    if entries is None:
+        return "arch_" + re.sub(r"[^0-9A-Za-z]+", "_", archs).strip("_").lower()
+    return "sm" + "_".join(f"{a}{b}{v}" + ("_ptx" if ptx else "") for a, b, v, ptx in entries)
+
+
+def _targets_of(entries) -> set[tuple[str, int, int, str]]:
+    """{("sm" | "compute", major, minor, variant)} built for parsed entries."""
+    targets = set()
+    for major, minor, variant, ptx in entries:
+        targets.add(("sm", major, minor, variant))
+        if ptx:
+            targets.add(("compute", major, minor, variant))
+    return targets
+
+
+def _built_cuda_targets(build_ninja: Path) -> set[tuple[str, int, int, str]] | None:
+    """The targets of the -gencode flags in a build.ninja (None if unreadable)."""
+    try:
+        text = build_ninja.read_text()
+    except OSError:
+        return None
+    found = re.findall(r"-gencode[= ]arch=compute_\w+,code=(sm|compute)_(\d+)(\d)([af]?)\b", text)
+    targets = {(kind, int(major), int(minor), variant) for kind, major, minor, variant in found}
+    return targets or None
+
+
+def runs_on(targets, capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability can run code built for targets."""
+    major, minor = capability
+    for kind, t_major, t_minor, variant in targets:
+        if variant == "a":
+            if (t_major, t_minor) == (major, minor):
+                return True
+        elif kind == "sm":
+            if t_major == major and t_minor <= minor:
+                return True
+        elif (t_major, t_minor) <= (major, minor):
+            return True
+    return False
+
+
+def check_devices_supported(archs: str, built=None) -> None:
+    """Raises a one-line BuildError if a visible GPU cannot run the build.
+
+    `built`: the targets actually compiled (from build.ninja); by default those
+    that `archs` asks for.  Without a visible GPU, or with an arch list this
+    module does not understand, there is nothing to check.
+    """
+    if built is None:
+        entries = parse_arch_list(archs)
+        if entries is None:
+            return
+        built = _targets_of(entries)
+    if not torch.cuda.is_available():
+        return
+    for i in range(torch.cuda.device_count()):
+        cap = torch.cuda.get_device_capability(i)
+        if not runs_on(built, cap):
+            have = ", ".join(f"{k}_{a}{b}{v}" for k, a, b, v in sorted(built))
+            raise BuildError(
+                f"ext: the CUDA kernels are built for TORCH_CUDA_ARCH_LIST={archs!r} ({have}), "
+                f"which cannot run on GPU {i} ({torch.cuda.get_device_name(i)}, compute capability "
+                f"{cap[0]}.{cap[1]}); set TORCH_CUDA_ARCH_LIST to include it, e.g. "
+                f"TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}+PTX\", or unset it to build for the "
+                "visible GPUs")
+
+
+def _load(name: str, sources: tuple[str, ...], with_cuda: bool, archs: str | None = None) -> str:
+    """Builds and loads library `name` once per process; `archs`: the
+    TORCH_CUDA_ARCH_LIST of a CUDA build (it also names the build folder)."""
     with _state_lock:
         if name in _loaded:
             return _loaded[name]
         _check_toolchain(with_cuda)
-        build_dir = build_root() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _wait_for_lock(build_dir / "lock", name)
         cflags = list(CXX_FLAGS)
         cuda_flags = list(NVCC_FLAGS)
+        build_dir = build_root() / name
         if with_cuda:
-            tag = f"-DPPAP_CUDA_ARCHS={_cuda_arch_tag()}"
-            cflags.append(tag)
-            cuda_flags.append(tag)
+            archs = archs or cuda_arch_list()
+            tag = cuda_arch_tag(archs)
+            build_dir = build_root() / f"{name}_{tag}"
+            cflags.append(f"-DPPAP_CUDA_ARCHS={tag}")
+            cuda_flags.append(f"-DPPAP_CUDA_ARCHS={tag}")
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _wait_for_lock(build_dir / "lock", name)
         if not any(build_dir.glob(f"{name}*.so")):
             print(f"ext: compiling {name} in {build_dir} (first use; this takes a few minutes)",
                   file=sys.stderr, flush=True)
+        saved_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
         try:
             from torch.utils.cpp_extension import load
 
+            if with_cuda:  # cpp_extension reads the architectures from the environment
+                os.environ["TORCH_CUDA_ARCH_LIST"] = archs
             path = load(
                 name=name,
                 sources=[str(CSRC / s) for s in sources],
@@ -186,6 +345,12 @@ def _load(name: str, sources: tuple[str, ...], with_cuda: bool) -> str:
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes one line
             raise _build_failure(name, build_dir, exc) from None
+        finally:
+            if with_cuda:
+                if saved_archs is None:
+                    os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+                else:
+                    os.environ["TORCH_CUDA_ARCH_LIST"] = saved_archs
         _loaded[name] = str(path)
         return _loaded[name]
 

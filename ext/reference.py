@@ -14,12 +14,18 @@ import torch.nn.functional as F
 
 
 def topk_neighbors_reference(q: torch.Tensor, keys: torch.Tensor, k: int, cosine: bool = True):
-    """torch.topk of the full similarity matrix (sorted, descending)."""
+    """torch.topk of the full similarity matrix (sorted, descending).
+
+    cosine=True normalises and compares in float32 (values returned in q's
+    dtype), as ext.topk_neighbors does.
+    """
+    dtype = q.dtype
     if cosine:
-        q = F.normalize(q, dim=-1)
-        keys = F.normalize(keys, dim=-1)
+        q = F.normalize(q.float(), dim=-1)
+        keys = F.normalize(keys.float(), dim=-1)
     sims = q @ keys.transpose(-1, -2)
-    return torch.topk(sims, k, dim=-1, largest=True, sorted=True)
+    values, indices = torch.topk(sims, k, dim=-1, largest=True, sorted=True)
+    return values.to(dtype), indices
 
 
 def _pixel_features(height: int, width: int, sxy: float, image: torch.Tensor | None,

@@ -32,11 +32,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # crf_scenes, when run as a script
 
 import torch  # noqa: E402
 
 import ext  # noqa: E402
-from ext.testing import pydensecrf_inference, synthetic_scene  # noqa: E402
+from crf_scenes import pydensecrf_inference, synthetic_scene  # noqa: E402
 
 MiB = 1 << 20
 

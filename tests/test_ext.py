@@ -2,12 +2,16 @@
 
 The first run compiles the CPU library (about a minute on 2 cores) and, where
 nvcc exists, the CUDA library for the compile check (a few minutes); later
-runs reuse ext/build/.  GPU tests are skipped without a GPU.
+runs reuse ext/build/.  GPU tests run where ext.cuda_usable() (a GPU, and nvcc
+to build the CUDA library), and are skipped elsewhere.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,12 +22,12 @@ import pytest
 import torch
 
 import ext
-from ext import _build
-from ext.testing import pydensecrf_inference, synthetic_scene
+from crf_scenes import pydensecrf_inference, synthetic_scene
+from ext import _build, _selfcheck
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_GPU = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+HAS_GPU = ext.cuda_usable()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and nvcc (ext.cuda_usable())")
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 
 
@@ -36,8 +40,8 @@ def built():
 def _check_topk(q, keys, k, cosine, values, indices):
     """values match torch.topk of the full product; indices point at them."""
     ref_values, _ = ext.topk_neighbors_reference(q, keys, k, cosine)
-    qn = torch.nn.functional.normalize(q, dim=-1) if cosine else q
-    kn = torch.nn.functional.normalize(keys, dim=-1) if cosine else keys
+    qn = torch.nn.functional.normalize(q.float(), dim=-1) if cosine else q
+    kn = torch.nn.functional.normalize(keys.float(), dim=-1) if cosine else keys
     sims = (qn @ kn.transpose(-1, -2)).float()
     assert values.shape == ref_values.shape and indices.dtype == torch.int64
     # Blocked GEMMs may round differently from the full product (rarely, by an ulp).
@@ -84,6 +88,95 @@ def test_topk_k_equals_all_keys_and_ties(device):
         _check_topk(q, keys, k, False, values, indices)
 
 
+def _stable_topk(sims: torch.Tensor, k: int):
+    """The exact expected result: torch.sort(stable=True) puts NaN above every
+    number (as torch.topk does) and keeps equal values in index order."""
+    order = torch.sort(sims.float().cpu(), dim=-1, descending=True, stable=True)
+    return order.values[..., :k], order.indices[..., :k]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_nan_counts_as_largest_like_torch_topk(device):
+    # Similarities [NaN, 1, 2, 3]: a NaN heap root used to block the 3.
+    q = torch.tensor([[1.0]], device=device)
+    keys = torch.tensor([[math.nan], [1.0], [2.0], [3.0]], device=device)
+    values, indices = ext.topk_neighbors(q, keys, 2, cosine=False)
+    ref = torch.topk((q @ keys.T).cpu(), 2)
+    torch.testing.assert_close(values.cpu(), ref.values, rtol=0, atol=0, equal_nan=True)
+    assert indices.tolist() == ref.indices.tolist() == [[0, 3]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k,key_tile,query_block", [(1, 16, 7), (5, 16, 64), (40, 16, 64),
+                                                    (100, 4096, 13)])
+def test_topk_order_with_nan_and_ties_is_exact(device, k, key_tile, query_block):
+    """Small integer vectors: exact products (no GEMM rounding), many ties, NaN
+    rows and keys (also a NaN with the sign bit set).  Values are torch.topk's;
+    the order is NaN first, then descending, ties lowest key index first."""
+    gen = torch.Generator().manual_seed(k + key_tile)
+    q = torch.randint(-2, 3, (2, 60, 6), generator=gen).float()
+    keys = torch.randint(-2, 3, (2, 100, 6), generator=gen).float()
+    q[0, 3] = math.nan  # every similarity of this query is NaN
+    q[1, 10, 2] = math.nan
+    keys[0, [7, 50, 51, 99]] = math.nan
+    keys[1, 0, 0] = float("-nan")
+    sims = q @ keys.transpose(-1, -2)
+    exp_values, exp_indices = _stable_topk(sims, k)
+    values, indices = ext.topk_neighbors(q.to(device), keys.to(device), k, cosine=False,
+                                         key_tile=key_tile, query_block=query_block)
+    torch.testing.assert_close(values.cpu(), torch.topk(sims, k).values, rtol=0, atol=0,
+                               equal_nan=True)
+    torch.testing.assert_close(values.cpu(), exp_values, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(indices.cpu(), exp_indices)
+
+
+def test_topk_ties_come_lowest_index_first():
+    # All similarities equal, and groups of equal ones spread over several
+    # tiles: the kept indices are the lowest of each group, in order.
+    q = torch.ones(3, 1)
+    keys = torch.tensor([[1.0], [2.0], [1.0], [2.0], [3.0], [2.0], [1.0], [3.0]] * 5)
+    for k in (1, 2, 3, 4, 11, 12, 13, 40):
+        for key_tile in (1, 3, 8, 64):
+            _, indices = ext.topk_neighbors(q, keys, k, cosine=False, key_tile=key_tile)
+            expected = _stable_topk(q @ keys.T, k)[1]
+            assert torch.equal(indices, expected), (k, key_tile)
+    _, indices = ext.topk_neighbors(torch.zeros(2, 4), torch.zeros(9, 4), 4, cosine=False)
+    assert indices.tolist() == [[0, 1, 2, 3]] * 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_topk_half_precision_zero_rows_normalise_to_zero(device, dtype):
+    # F.normalize's eps underflows in half precision: 0 / 0 made zero rows NaN.
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(20, 16, generator=gen).to(dtype)
+    keys = torch.randn(50, 16, generator=gen).to(dtype)
+    q[4] = 0
+    keys[9] = 0
+    values, indices = ext.topk_neighbors(q.to(device), keys.to(device), 5, key_tile=16)
+    assert values.dtype == dtype and not values.isnan().any()
+    qn = torch.nn.functional.normalize(q.float(), dim=-1)
+    kn = torch.nn.functional.normalize(keys.float(), dim=-1)
+    ref = torch.topk(qn @ kn.T, 5)
+    torch.testing.assert_close(values.cpu().float(), ref.values, rtol=0, atol=1e-2)
+    assert values[4].cpu().float().abs().max() == 0 and indices[4].tolist() == [0, 1, 2, 3, 4]
+
+
+@needs_gpu
+def test_topk_cuda_indices_equal_cpu_with_ties_and_nan():
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randint(-2, 3, (2, 700, 8), generator=gen).float()
+    keys = torch.randint(-2, 3, (2, 3000, 8), generator=gen).float()
+    q[0, 5] = math.nan
+    keys[1, [17, 2500]] = math.nan
+    for k, key_tile in ((1, 512), (30, 512), (64, 4096), (300, 1000)):
+        v_cpu, i_cpu = ext.topk_neighbors(q, keys, k, cosine=False, key_tile=key_tile)
+        v_gpu, i_gpu = ext.topk_neighbors(q.cuda(), keys.cuda(), k, cosine=False,
+                                          key_tile=key_tile)
+        assert torch.equal(i_gpu.cpu(), i_cpu), (k, key_tile)
+        torch.testing.assert_close(v_gpu.cpu(), v_cpu, rtol=0, atol=0, equal_nan=True)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_topk_half_precision_cuda(dtype):
@@ -99,10 +192,13 @@ def test_topk_half_precision_cuda(dtype):
 def test_topk_cuda_matches_cpu():
     gen = torch.Generator().manual_seed(4)
     q, keys = torch.randn(3, 400, 48, generator=gen), torch.randn(3, 2500, 48, generator=gen)
-    v_cpu, _ = ext.topk_neighbors(q, keys, 17, key_tile=512)
+    v_cpu, i_cpu = ext.topk_neighbors(q, keys, 17, key_tile=512)
     v_gpu, i_gpu = ext.topk_neighbors(q.cuda(), keys.cuda(), 17, key_tile=512)
     torch.testing.assert_close(v_gpu.cpu(), v_cpu, rtol=0, atol=1e-5)
     _check_topk(q.cuda(), keys.cuda(), 17, True, v_gpu, i_gpu)
+    # Random similarities have no ties: the same keys, in the same order.
+    assert (i_gpu.cpu() == i_cpu).float().mean() > 0.999
+    assert ("topk_neighbors", "cuda:0") in _selfcheck._results  # the first CUDA call checked
 
 
 def test_topk_errors():
@@ -226,6 +322,131 @@ def test_crf_errors():
         ext.dense_crf(image, probs, iters=-1)
     with pytest.raises(ValueError, match="must be > 0"):
         ext.dense_crf(image, probs, bi_rgb=0)
+    with pytest.raises(ValueError, match="must be finite"):
+        ext.dense_crf(image, probs, bi_w=math.inf)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_crf_rejects_non_finite_probabilities(bad):
+    # One NaN used to turn the whole image NaN (the lattice spreads it).
+    image, probs = _scene(8, 9, 3)
+    probs[1, 2, 3] = bad
+    with pytest.raises(ValueError) as info:
+        ext.dense_crf(image, probs)
+    message = str(info.value)
+    assert "\n" not in message and "NaN/inf" in message and "[1, 2, 3]" in message
+    with pytest.raises(ValueError, match=r"first at index \[0, 1, 2, 3\]"):
+        ext.dense_crf(image[None], probs[None])
+
+
+def test_crf_feature_limit_message():
+    image, probs = _scene(20, 30, 3)
+    limit = ext.MAX_LATTICE_FEATURE
+    for name, top in (("pos_xy", 30), ("bi_xy", 30), ("bi_rgb", 255)):
+        with pytest.raises(ValueError) as info:
+            ext.dense_crf(image, probs, iters=1, **{name: top / limit * 0.99})
+        message = str(info.value)
+        assert "\n" not in message and "2^17" in message
+        assert f"{name}={top / limit * 0.99:g} is too small" in message
+        assert f"use {name} >= {top / limit:.3g}" in message
+    # A kernel with weight 0 is not built: its standard deviations do not matter.
+    ext.dense_crf(image, probs, iters=1, pos_xy=1e-9, pos_w=0.0)
+
+
+def test_crf_tiny_standard_deviations_raise_instead_of_crashing():
+    """pos_xy=1e-6 / bi_rgb=1e-7 passed validation and crashed the interpreter
+    (SIGSEGV): run in a subprocess so that a crash fails this test only."""
+    code = textwrap.dedent(f"""
+        import json, math, sys
+        sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+        import torch, ext
+        from crf_scenes import synthetic_scene
+        ext.load("cpu")
+        image, probs = (torch.from_numpy(a) for a in synthetic_scene(320, 320, 5, seed=0))
+        defaults = dict(pos_xy=1.0, pos_w=3.0, bi_xy=67.0, bi_rgb=3.0, bi_w=4.0)
+        out = {{}}
+        for name, value in (("pos_xy", 1e-6), ("bi_rgb", 1e-7), ("bi_xy", 1e-6)):
+            params = dict(defaults, **{{name: value}})
+            try:
+                ext.dense_crf(image, probs, iters=1, **params)
+                out[name] = "returned"
+            except ValueError as e:
+                out[name] = "ValueError: " + str(e)
+            try:  # the op itself, without the Python checks
+                torch.ops.ppap_ext.dense_crf(image[None], probs[None], 1, *params.values())
+                out[name + "_op"] = "returned"
+            except RuntimeError as e:
+                out[name + "_op"] = "RuntimeError: " + str(e).splitlines()[0]
+        # Just inside the limit the lattice still works: finite Q, rows sum to 1.
+        limit = ext.MAX_LATTICE_FEATURE
+        q = ext.dense_crf(image, probs, iters=2, pos_xy=320 / limit * 1.001,
+                          bi_xy=320 / limit * 1.001, bi_rgb=255 / limit * 1.001)
+        out["edge_finite"] = bool(torch.isfinite(q).all())
+        out["edge_sum_err"] = float((q.sum(0) - 1).abs().max())
+        print(json.dumps(out))
+        """)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, text=True,
+                            capture_output=True, timeout=300)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("pos_xy", "bi_rgb", "bi_xy"):
+        assert out[name].startswith("ValueError: dense_crf: " + name), out[name]
+        assert "\n" not in out[name]
+        assert out[name + "_op"].startswith("RuntimeError: ppap_ext::dense_crf: " + name), out
+    assert out["edge_finite"] and out["edge_sum_err"] < 1e-5, out
+
+
+def test_lattice_geometry_stays_in_bounds_for_huge_features(tmp_path):
+    """enclosing_simplex under AddressSanitizer: features far beyond the
+    accepted range (float rounding puts the rounded point many steps off the
+    plane) must not index out of bounds, and inside the range the barycentric
+    weights must be a partition of unity."""
+    source = tmp_path / "simplex.cpp"
+    source.write_text(textwrap.dedent("""
+        #include <cmath>
+        #include <cstdio>
+        #include <random>
+        #include "lattice_geometry.h"
+        int main() {
+          std::mt19937 rng(1);
+          std::uniform_real_distribution<float> unit(-1.f, 1.f), exponent(0.f, 13.f);
+          int bad = 0;
+          for (int d = 2; d <= ppap::kMaxDim; ++d) {
+            float scale[ppap::kMaxDim];
+            for (int i = 0; i < d; ++i) scale[i] = ppap::lattice_scale(i, d);
+            for (int t = 0; t < 20000; ++t) {
+              float f[ppap::kMaxDim], bary[ppap::kMaxDim + 1];
+              int keys[(ppap::kMaxDim + 1) * ppap::kMaxDim];
+              const float magnitude = std::pow(10.f, exponent(rng));  // 1 .. 1e13
+              for (int i = 0; i < d; ++i) f[i] = magnitude * unit(rng);
+              ppap::enclosing_simplex(f, scale, d, keys, bary);
+              if (magnitude <= ppap::kMaxFeature) {
+                float sum = 0.f;
+                for (int r = 0; r <= d; ++r) {
+                  sum += bary[r];
+                  if (bary[r] < -1e-3f || bary[r] > 1.001f) ++bad;
+                }
+                if (std::fabs(sum - 1.f) > 1e-3f) ++bad;
+              }
+            }
+          }
+          std::printf("bad %d\\n", bad);
+          return bad != 0;
+        }
+        """))
+    cxx = os.environ.get("CXX", "c++")
+    binary = tmp_path / "simplex"
+    # Out-of-range float -> int casts and int overflow are expected beyond the
+    # accepted range (the results there are garbage, but must stay in bounds).
+    flags = ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+             "-fno-sanitize=float-cast-overflow,signed-integer-overflow"]
+    built = subprocess.run([cxx, *flags, f"-I{REPO / 'ext' / 'csrc'}", str(source), "-o",
+                            str(binary)], capture_output=True, text=True, timeout=300)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build with sanitizers: {built.stderr.strip()[:200]}")
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout, result.stderr[-2000:])
+    assert result.stdout.strip() == "bad 0"
 
 
 def test_reference_switch(monkeypatch):
@@ -246,7 +467,24 @@ def test_crf_cuda_matches_cpu():
     assert q_gpu.is_cuda
     # Atomic splatting only changes the rounding.
     assert (q_gpu.argmax(1).cpu() == q_cpu.argmax(1)).float().mean() >= 0.999
-    assert (q_gpu.cpu() - q_cpu).abs().max() < 1e-3
+    assert (q_gpu.cpu() - q_cpu).abs().max() <= 1e-5
+    assert ("dense_crf", "cuda:0") in _selfcheck._results  # the first CUDA call checked
+
+
+@needs_gpu
+def test_crf_cuda_matches_cpu_640_wide():
+    # Both build the lattice from csrc/lattice_geometry.h without FMA
+    # contraction; only the order of the CUDA splat's atomic additions differs.
+    image, probs = _scene(480, 640, 27, seed=5)
+    q_cpu = ext.dense_crf(image, probs)
+    q_gpu = ext.dense_crf(image.cuda(), probs.cuda()).cpu()
+    assert (q_gpu - q_cpu).abs().max().item() <= 1e-5
+
+
+@needs_gpu
+def test_self_check_passes_on_the_gpu():
+    for op in _selfcheck.OPS:
+        assert ext.self_check(op, "cuda")["max_abs"] <= 1e-5
 
 
 @needs_gpu
@@ -259,7 +497,195 @@ def test_crf_cuda_matches_pydensecrf():
     assert np.abs(q - q_ref).mean() <= 1e-3
 
 
+# ------------------------------------------------------------------------- self-check
+
+
+def test_self_check_passes_for_the_cpu_kernel():
+    for op in _selfcheck.OPS:
+        assert ext.self_check(op, "cpu")["max_abs"] == 0
+        assert ext.self_check(op, "cpu", run=getattr(torch.ops.ppap_ext, op))["max_abs"] == 0
+
+
+def _crf_wrong(how):
+    def run(*args):
+        q = torch.ops.ppap_ext.dense_crf(*args).clone()
+        if how == "shift":
+            q += 2e-4
+        elif how == "swap":  # one pixel's class probabilities rolled
+            q[0, :, 5, 7] = q[0, :, 5, 7].roll(1)
+        elif how == "nan":
+            q[0, 0, 0, 0] = math.nan
+        return q
+    return run
+
+
+def _topk_wrong(how):
+    def run(*args):
+        values, indices = torch.ops.ppap_ext.topk_neighbors(*args)
+        if how == "values":
+            return values + 3e-5, indices
+        return values, indices.roll(1, dims=-1)  # right values, wrong keys
+    return run
+
+
+@pytest.mark.parametrize("op,run,way_out", [
+    ("dense_crf", _crf_wrong("shift"), _selfcheck.CRF_WAY_OUT),
+    ("dense_crf", _crf_wrong("swap"), _selfcheck.CRF_WAY_OUT),
+    ("dense_crf", _crf_wrong("nan"), _selfcheck.CRF_WAY_OUT),
+    ("topk_neighbors", _topk_wrong("values"), _selfcheck.TOPK_WAY_OUT),
+    ("topk_neighbors", _topk_wrong("indices"), _selfcheck.TOPK_WAY_OUT),
+], ids=["crf-shifted", "crf-pixel-swapped", "crf-nan", "topk-values", "topk-indices"])
+def test_self_check_catches_a_wrong_kernel(op, run, way_out):
+    with pytest.raises(ext.SelfCheckError) as info:
+        ext.self_check(op, "cpu", run=run)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith(way_out) and op in message
+    assert isinstance(info.value, RuntimeError)
+    if op == "dense_crf":
+        assert "eval.py --crf-device cpu" in message and "PPAP_EXT_REFERENCE=1" in message
+    else:
+        assert "PPAP_EXT_REFERENCE=1" in message
+
+
+def test_self_check_runs_once_per_op_and_device(monkeypatch):
+    monkeypatch.setattr(_selfcheck, "_results", {})
+    monkeypatch.delenv("PPAP_EXT_SKIP_SELFCHECK", raising=False)
+    calls = []
+
+    def counted(op, wrong=False):
+        def run(*args):
+            calls.append(op)
+            result = getattr(torch.ops.ppap_ext, op)(*args)
+            return result + 1 if wrong else result
+        return run
+
+    check = _selfcheck.maybe_self_check
+    assert check("dense_crf", "cuda:3", counted("dense_crf")) is True
+    assert check("dense_crf", "cuda:3", counted("dense_crf")) is False
+    assert check("topk_neighbors", "cuda:3", counted("topk_neighbors")) is True
+    assert check("dense_crf", "cuda:4", counted("dense_crf")) is True  # another device
+    assert calls == ["dense_crf", "topk_neighbors", "dense_crf"]
+    # A failure is remembered and raised again without rerunning.
+    for _ in range(2):
+        with pytest.raises(ext.SelfCheckError, match="crf-device cpu"):
+            check("dense_crf", "cuda:5", counted("dense_crf", wrong=True))
+    assert calls.count("dense_crf") == 3
+    monkeypatch.setenv("PPAP_EXT_SKIP_SELFCHECK", "1")
+    assert check("topk_neighbors", "cuda:6", counted("topk_neighbors")) is False
+    assert check("dense_crf", "cuda:5", counted("dense_crf")) is False  # skipped, not raised
+    assert len(calls) == 4
+
+
+def test_cpu_ops_run_no_self_check():
+    before = _selfcheck.runs
+    image, probs = _scene(10, 12, 3)
+    ext.dense_crf(image, probs, iters=1)
+    ext.topk_neighbors(torch.randn(5, 4), torch.randn(7, 4), 2)
+    assert _selfcheck.runs == before
+
+
 # ------------------------------------------------------------------------ build logic
+
+
+def test_cpu_library_is_built_without_fp_contraction():
+    ninja = Path(_build._loaded[_build.CPU_NAME]).parent / "build.ninja"
+    cflags = next(ln for ln in ninja.read_text().splitlines() if ln.startswith("cflags ="))
+    assert "-ffp-contract=off" in cflags.split()
+
+
+def test_default_arch_list_has_ptx_and_names_the_build_dir(monkeypatch):
+    entries = _build.parse_arch_list(_build.DEFAULT_CUDA_ARCHS)
+    highest = max(entries)
+    assert highest[3], f"no PTX for the highest arch of {_build.DEFAULT_CUDA_ARCHS}"
+    assert _build.cuda_arch_tag("8.0;9.0+PTX") == "sm80_90_ptx"
+    assert _build.cuda_arch_tag("Hopper") == "sm90_ptx"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6 9.0a")
+    assert _build.cuda_build_dir().name == "ppap_ext_cuda_sm86_90a"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _build.cuda_arch_list() == _build.DEFAULT_CUDA_ARCHS
+    assert _build.cuda_build_dir().name == "ppap_ext_cuda_" + _build.cuda_arch_tag(
+        _build.DEFAULT_CUDA_ARCHS)
+
+
+def _fake_gpu(monkeypatch, capability, name="Fake GPU"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: name)
+
+
+@pytest.mark.parametrize("archs,capability,ok", [
+    ("8.0;9.0+PTX", (8, 0), True), ("8.0;9.0+PTX", (8, 6), True), ("8.0;9.0+PTX", (8, 9), True),
+    ("8.0;9.0+PTX", (9, 0), True), ("8.0;9.0+PTX", (10, 0), True), ("8.0;9.0+PTX", (12, 0), True),
+    ("8.0;9.0+PTX", (7, 5), False),  # T4: below the lowest arch, no SASS for it
+    ("8.0;9.0", (10, 0), False), ("8.0;9.0", (12, 0), False),  # no PTX to JIT
+    ("9.0a", (9, 0), True), ("9.0a+PTX", (10, 0), False), ("7.5;8.6", (8, 0), False),
+])
+def test_arch_check(monkeypatch, archs, capability, ok):
+    _fake_gpu(monkeypatch, capability, "Tesla T4")
+    targets = _build._targets_of(_build.parse_arch_list(archs))
+    assert _build.runs_on(targets, capability) is ok
+    if ok:
+        _build.check_devices_supported(archs)
+        return
+    with pytest.raises(_build.BuildError) as info:
+        _build.check_devices_supported(archs)
+    message = str(info.value)
+    assert "\n" not in message and "TORCH_CUDA_ARCH_LIST" in message and "Tesla T4" in message
+    assert f"{capability[0]}.{capability[1]}" in message
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", archs)
+    monkeypatch.setattr(_build, "cuda_buildable", lambda: True)
+    assert not ext.cuda_usable()
+
+
+def test_built_targets_come_from_build_ninja(tmp_path, monkeypatch):
+    ninja = tmp_path / "build.ninja"
+    ninja.write_text("cuda_cflags = -O3 -gencode=arch=compute_80,code=sm_80 "
+                     "-gencode=arch=compute_90,code=compute_90 "
+                     "-gencode=arch=compute_90,code=sm_90\n")
+    targets = _build._built_cuda_targets(ninja)
+    assert targets == {("sm", 8, 0, ""), ("sm", 9, 0, ""), ("compute", 9, 0, "")}
+    _fake_gpu(monkeypatch, (10, 0))
+    _build.check_devices_supported("8.0;9.0+PTX", built=targets)
+    with pytest.raises(_build.BuildError, match="TORCH_CUDA_ARCH_LIST"):
+        _build.check_devices_supported("8.0;9.0+PTX", built=targets - {("compute", 9, 0, "")})
+
+
+def test_cuda_usable_needs_a_gpu_and_nvcc(monkeypatch):
+    _fake_gpu(monkeypatch, (9, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_build, "nvcc_path", lambda: None)
+    assert not ext.cuda_usable()
+    monkeypatch.setattr(_build, "nvcc_path", lambda: "/usr/local/cuda/bin/nvcc")
+    assert ext.cuda_usable() is (torch.version.cuda is not None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not ext.cuda_usable()
+
+
+def test_load_cpu_needs_no_nvcc(tmp_path):
+    """ext.load("cpu") and the CPU ops work where nvcc cannot be found."""
+    # PATH without the folders holding nvcc; the rest stays, so that the same
+    # ninja (whose log format differs between versions) finds the build current.
+    path = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if d and not (Path(d) / "nvcc").exists()]
+    env = dict(os.environ, CUDA_HOME=str(tmp_path / "no-cuda"), PATH=os.pathsep.join(path))
+    env.pop("CUDA_PATH", None)
+    code = textwrap.dedent("""
+        import torch, ext
+        from ext import _build
+        assert _build.nvcc_path() is None, _build.nvcc_path()
+        ext.load("cpu")
+        values, _ = ext.topk_neighbors(torch.ones(2, 3), torch.ones(4, 3), 2, cosine=False)
+        assert values.tolist() == [[3.0, 3.0]] * 2
+        print("cuda_usable", ext.cuda_usable())
+        """)
+    if shutil.which(os.environ.get("CXX", "c++"), path=env["PATH"]) is None:
+        pytest.skip("the C++ compiler lives next to nvcc")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                            capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "cuda_usable False"
 
 
 def test_missing_compiler_is_one_line(monkeypatch):
@@ -312,4 +738,16 @@ def test_cuda_sources_compile():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
                             capture_output=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert Path(result.stdout.strip().splitlines()[-1]).is_file()
+    library = Path(result.stdout.strip().splitlines()[-1])
+    assert library.is_file()
+    archs = env["TORCH_CUDA_ARCH_LIST"]
+    assert library.parent.name == f"{_build.CUDA_NAME}_{_build.cuda_arch_tag(archs)}"
+    ninja = (library.parent / "build.ninja").read_text()
+    cuda_cflags = next(ln for ln in ninja.splitlines() if ln.startswith("cuda_cflags ="))
+    assert "--fmad=false" in cuda_cflags.split() and "-Xcompiler=-ffp-contract=off" in cuda_cflags
+    assert "-ffp-contract=off" in next(ln for ln in ninja.splitlines() if ln.startswith("cflags ="))
+    built = _build._built_cuda_targets(library.parent / "build.ninja")
+    assert built == _build._targets_of(_build.parse_arch_list(archs))
+    if archs == _build.DEFAULT_CUDA_ARCHS:  # PTX: newer GPUs JIT it
+        assert "code=compute_90" in cuda_cflags
+        assert _build.runs_on(built, (12, 0)) and not _build.runs_on(built, (7, 5))

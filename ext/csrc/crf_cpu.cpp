@@ -1,5 +1,6 @@
 // Dense CRF (fully connected, Potts, mean field) on the CPU with the
-// permutohedral lattice, numerically following pydensecrf (see SPEC.md).
+// permutohedral lattice, numerically following pydensecrf's permutohedral.cpp
+// (Adams et al. 2010; Kraehenbuehl & Koltun 2011).
 //
 // Layout: per image, pixel-major / class-minor ([P, C]) so that every lattice
 // operation works on C contiguous floats per pixel or lattice point, which the
@@ -72,9 +73,12 @@ struct Lattice {
 // the table doubles when half full.
 class PointTable {
  public:
+  // Sizes stay powers of two of at most 2^32 slots: at most V < 2^31 points
+  // (check_crf_args) are inserted, and the table doubles only while
+  // 2 * (points + 1) exceeds its size, so the 32-bit hash always covers it.
   explicit PointTable(int d, int64_t expected_points) : d_(d) {
-    uint32_t cap = 1024;
-    while (cap < 2 * expected_points) cap <<= 1;
+    size_t cap = 1024;
+    while (cap < size_t(2 * expected_points)) cap <<= 1;
     slots_.assign(cap, Slot{0, -1});
     keys_.reserve(expected_points * d);
   }
@@ -512,9 +516,12 @@ void crf_one_image(const uint8_t* image, int H, int W, int channels, const float
 
 }  // namespace
 
+constexpr int64_t kMinPixelsForInnerParallel = 4096;
+
 at::Tensor dense_crf_cpu(const at::Tensor& image, const at::Tensor& probs, int64_t iters,
                          double pos_xy, double pos_w, double bi_xy, double bi_rgb, double bi_w) {
   check_crf_args(image, probs, iters);
+  check_crf_params(probs, pos_xy, pos_w, bi_xy, bi_rgb, bi_w);
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
   const int channels = static_cast<int>(image.size(3));
   const at::Tensor img = image.contiguous();
@@ -543,7 +550,12 @@ at::Tensor dense_crf_cpu(const at::Tensor& image, const at::Tensor& probs, int64
       for (int64_t b = next++; b < B; b = next++) run(b, false);
     });
   } else {
-    for (int64_t b = 0; b < B; ++b) run(b, true);
+    // An image of a few thousand pixels takes milliseconds on one thread;
+    // split up, each of the ~15 lattice passes per iteration would be a
+    // parallel region whose synchronisation costs more than its work (far
+    // more when the cores are shared with other processes).
+    const bool inner_parallel = H * W >= kMinPixelsForInnerParallel;
+    for (int64_t b = 0; b < B; ++b) run(b, inner_parallel);
   }
   return q_pc.permute({0, 3, 1, 2}).contiguous();
 }

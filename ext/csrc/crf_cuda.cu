@@ -140,10 +140,13 @@ struct GpuLattice {
   at::Tensor neighbors;  // int32 [(d+1) * M * 2], point + 1, 0 = missing
 };
 
-uint32_t next_pow2(int64_t n) {
-  uint64_t p = 1024;
-  while (p < static_cast<uint64_t>(n)) p <<= 1;
-  return static_cast<uint32_t>(p);
+// Smallest power of two >= n (at least 1024), in 64 bits: the hash table of
+// V vertices has up to 2^32 slots (V < 2^31, check_crf_args), one more than
+// uint32_t holds.
+int64_t next_pow2(int64_t n) {
+  int64_t p = 1024;
+  while (p < n) p <<= 1;
+  return p;
 }
 
 // image (device pointer) == nullptr builds the position-only lattice.
@@ -166,12 +169,13 @@ GpuLattice build_lattice(int n_pixels, int width, const uint8_t* image, int chan
       L.bary.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const uint32_t table_size = next_pow2(2 * n_vertices + 1);
-  at::Tensor table = at::full({int64_t(table_size)}, -1, int_opts);
+  const int64_t table_size = next_pow2(2 * n_vertices + 1);
+  TORCH_CHECK(table_size <= (int64_t(1) << 32), "ppap_ext::dense_crf: lattice hash table too large");
+  const uint32_t mask = static_cast<uint32_t>(table_size - 1);  // the hash is 32 bits
+  at::Tensor table = at::full({table_size}, -1, int_opts);
   at::Tensor owner = at::empty({n_vertices}, int_opts);
   insert_kernel<<<blocks_for(n_vertices), kThreads, 0, stream>>>(
-      n_vertices, d, keys.data_ptr<int>(), table.data_ptr<int>(), table_size - 1,
-      owner.data_ptr<int>());
+      n_vertices, d, keys.data_ptr<int>(), table.data_ptr<int>(), mask, owner.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Lattice points = claiming vertices, numbered in vertex order.
@@ -185,7 +189,7 @@ GpuLattice build_lattice(int n_pixels, int width, const uint8_t* image, int chan
   if (L.n_points > 0) {
     neighbor_kernel<<<blocks_for(L.n_points), kThreads, 0, stream>>>(
         L.n_points, d, representative.data_ptr<int64_t>(), keys.data_ptr<int>(),
-        table.data_ptr<int>(), table_size - 1, point_of.data_ptr<int>(),
+        table.data_ptr<int>(), mask, point_of.data_ptr<int>(),
         L.neighbors.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -263,6 +267,7 @@ at::Tensor crf_one_image(const at::Tensor& image, const at::Tensor& prob, int64_
 at::Tensor dense_crf_cuda(const at::Tensor& image, const at::Tensor& probs, int64_t iters,
                           double pos_xy, double pos_w, double bi_xy, double bi_rgb, double bi_w) {
   check_crf_args(image, probs, iters);
+  check_crf_params(probs, pos_xy, pos_w, bi_xy, bi_rgb, bi_w);
   const c10::cuda::CUDAGuard guard(probs.device());
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
   const at::Tensor img = image.contiguous();

@@ -5,7 +5,7 @@
 // lets the untestable-here CUDA path inherit the numerics that the CPU tests
 // check against pydensecrf.
 //
-// Conventions (see SPEC.md "Dense CRF"):
+// Conventions (those of pydensecrf's permutohedral lattice, Adams et al. 2010):
 //   * d feature dimensions, d + 1 simplex vertices per pixel ("vertex" v =
 //     pixel * (d + 1) + remainder).
 //   * A lattice point is identified by the first d of its d + 1 integer
@@ -26,6 +26,14 @@ namespace ppap {
 // Largest feature dimension the fixed-size scratch arrays support.  The CRF
 // uses d = 2 (position) and d = 2 + image channels (bilateral).
 constexpr int kMaxDim = 10;
+
+// Largest accepted feature magnitude (pixel coordinate / sxy, channel value /
+// srgb).  Elevation multiplies features by at most ~31 (d <= kMaxDim), so
+// elevated coordinates stay below 2^22, where float resolves a quarter unit,
+// and far from int overflow.  Larger features (standard deviations far below
+// one pixel / one grey level) let float rounding scatter the simplex
+// computation.  ext/__init__.py enforces the same limit (MAX_LATTICE_FEATURE).
+constexpr double kMaxFeature = 131072.0;  // 2^17
 
 // Per-dimension scale applied before elevation: sqrt(2/3) (d+1) / sqrt((i+1)(i+2)).
 // Computed in double and rounded once, like the reference implementation, so
@@ -100,15 +108,16 @@ PPAP_HD void enclosing_simplex(const float* f, const float* scale, int d, int* k
     }
   }
 
-  // The rounded point may be off the plane (sum != 0): walk it back.
+  // The rounded point may be off the plane (sum != 0): walk it back.  With
+  // features inside kMaxFeature one step of d + 1 suffices (as in pydensecrf);
+  // beyond it float rounding can put the point many steps off, and the
+  // general wrap keeps rank in [0, d], hence b[] below in bounds, regardless.
   for (int i = 0; i <= d; ++i) {
     rank[i] += sum;
-    if (rank[i] < 0) {
-      rank[i] += d + 1;
-      rem0[i] += d + 1;
-    } else if (rank[i] > d) {
-      rank[i] -= d + 1;
-      rem0[i] -= d + 1;
+    if (rank[i] < 0 || rank[i] > d) {
+      const int steps = rank[i] < 0 ? -((-rank[i] + d) / (d + 1)) : rank[i] / (d + 1);
+      rank[i] -= steps * (d + 1);
+      rem0[i] -= steps * (d + 1);
     }
   }
 

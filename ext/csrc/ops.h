@@ -4,7 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <tuple>
+
+#include "lattice_geometry.h"
 
 namespace ppap {
 
@@ -54,6 +57,26 @@ inline void check_crf_args(const at::Tensor& image, const at::Tensor& probs, int
   TORCH_CHECK(image.size(1) * image.size(2) * (image.size(3) + 3) < (int64_t(1) << 31),
               "ppap_ext::dense_crf: image too large for 32-bit lattice indices");
   TORCH_CHECK(iters >= 0, "ppap_ext::dense_crf: iters must be >= 0");
+}
+
+// Standard deviations so small that the lattice features (coordinate / sxy,
+// channel value / srgb; bounded by max(H, W) / sxy and 255 / srgb) exceed
+// kMaxFeature are refused: float rounding would scatter the lattice.
+// Kernels with weight 0 are not built, so their parameters do not matter.
+inline void check_crf_params(const at::Tensor& probs, double pos_xy, double pos_w, double bi_xy,
+                             double bi_rgb, double bi_w) {
+  const double extent = static_cast<double>(std::max(probs.size(2), probs.size(3)));
+  TORCH_CHECK(std::isfinite(pos_w) && std::isfinite(bi_w), "ppap_ext::dense_crf: weights must be finite");
+  if (pos_w != 0) {
+    TORCH_CHECK(pos_xy > 0 && extent / pos_xy <= kMaxFeature, "ppap_ext::dense_crf: pos_xy=", pos_xy,
+                " must be >= max(H, W) / ", kMaxFeature, " = ", extent / kMaxFeature);
+  }
+  if (bi_w != 0) {
+    TORCH_CHECK(bi_xy > 0 && extent / bi_xy <= kMaxFeature, "ppap_ext::dense_crf: bi_xy=", bi_xy,
+                " must be >= max(H, W) / ", kMaxFeature, " = ", extent / kMaxFeature);
+    TORCH_CHECK(bi_rgb > 0 && 255.0 / bi_rgb <= kMaxFeature, "ppap_ext::dense_crf: bi_rgb=", bi_rgb,
+                " must be >= 255 / ", kMaxFeature, " = ", 255.0 / kMaxFeature);
+  }
 }
 
 }  // namespace ppap

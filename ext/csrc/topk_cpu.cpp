@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -16,38 +17,55 @@
 namespace ppap {
 namespace {
 
-// Min-heap over (value, index) stored in two parallel arrays of capacity k.
-// Only strictly larger values displace the minimum, so among exact ties the
-// earliest key seen (the lowest index) is kept.
+// The order of the results, as torch.topk(largest=True) sorts: NaN counts as
+// larger than every number (NaNs are equal to each other), -0 equals +0, and
+// equal values come lowest key index first.  A strict total order on
+// (value, index) pairs, since no index occurs twice.
+inline bool ranks_before(float va, int64_t ia, float vb, int64_t ib) {
+  const bool a_nan = std::isnan(va), b_nan = std::isnan(vb);
+  if (a_nan != b_nan) return a_nan;
+  if (!a_nan && va != vb) return va > vb;
+  return ia < ib;
+}
+
+// Heap of a query's k best candidates so far, stored in two parallel arrays
+// of capacity k, with the candidate that ranks last at the root.  Keys are
+// offered in increasing index order, so a candidate displaces the root only
+// if its value ranks strictly above the root's: among equal values the
+// lowest indices stay.
 struct HeapView {
   float* val;
   int64_t* idx;
   int64_t k;
 
+  // True if entry a ranks after entry b (belongs nearer the root).
+  bool after(int64_t a, int64_t b) const { return ranks_before(val[b], idx[b], val[a], idx[a]); }
+
   void sift_down(int64_t size, int64_t i) {
     while (true) {
       const int64_t l = 2 * i + 1, r = l + 1;
-      int64_t smallest = i;
-      if (l < size && val[l] < val[smallest]) smallest = l;
-      if (r < size && val[r] < val[smallest]) smallest = r;
-      if (smallest == i) return;
-      std::swap(val[i], val[smallest]);
-      std::swap(idx[i], idx[smallest]);
-      i = smallest;
+      int64_t last = i;
+      if (l < size && after(l, last)) last = l;
+      if (r < size && after(r, last)) last = r;
+      if (last == i) return;
+      std::swap(val[i], val[last]);
+      std::swap(idx[i], idx[last]);
+      i = last;
     }
   }
 
   void sift_up(int64_t i) {
     while (i > 0) {
       const int64_t parent = (i - 1) / 2;
-      if (!(val[i] < val[parent])) return;
+      if (!after(i, parent)) return;
       std::swap(val[i], val[parent]);
       std::swap(idx[i], idx[parent]);
       i = parent;
     }
   }
 
-  // Offers candidates s[0..n) with indices base + j; `size` is the heap fill.
+  // Offers candidates s[0..n) with indices base + j (larger than every index
+  // offered before); `size` is the heap fill.
   void offer(const float* s, int64_t n, int64_t base, int64_t& size) {
     int64_t j = 0;
     for (; j < n && size < k; ++j) {  // fill phase
@@ -56,24 +74,30 @@ struct HeapView {
       sift_up(size);
       ++size;
     }
-    float threshold = size > 0 ? val[0] : 0.f;
-    for (; j < n; ++j) {  // steady state: almost every candidate fails this test
-      if (s[j] > threshold) {
-        val[0] = s[j];
+    if (j == n) return;
+    // Steady state: almost every candidate fails the first test.  A NaN
+    // candidate beats a numeric root; nothing beats a NaN root (the heap then
+    // holds k NaNs of lower index), and `x > NaN` is false for every x.
+    float threshold = val[0];
+    bool root_is_nan = std::isnan(threshold);
+    for (; j < n; ++j) {
+      const float x = s[j];
+      if (x > threshold || (std::isnan(x) && !root_is_nan)) {
+        val[0] = x;
         idx[0] = base + j;
         sift_down(k, 0);
         threshold = val[0];
+        root_is_nan = std::isnan(threshold);
       }
     }
   }
 
-  // Writes the heap's content sorted by (value descending, index ascending).
+  // Writes the heap's content in result order (see ranks_before).
   void write_sorted(float* out_val, int64_t* out_idx) const {
     std::vector<int64_t> order(k);
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      if (val[a] != val[b]) return val[a] > val[b];
-      return idx[a] < idx[b];
+      return ranks_before(val[a], idx[a], val[b], idx[b]);
     });
     for (int64_t i = 0; i < k; ++i) {
       out_val[i] = val[order[i]];

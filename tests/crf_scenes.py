@@ -1,4 +1,4 @@
-"""Helpers shared by tests/test_ext.py and tests/bench_ext.py (not used by PPAP).
+"""Test-only CRF inputs, shared by tests/test_ext.py and tests/bench_ext.py (not used by PPAP).
 
 * synthetic_scene: a natural-looking image (piecewise regions with smooth
   shading, sharp edges and sensor noise) with noisy, spatially correlated class
