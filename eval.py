@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -286,6 +287,14 @@ def palette(n: int) -> np.ndarray:
     return np.asarray(cols, dtype=np.uint8).reshape(n, 3)
 
 
+def class_palette(class_names) -> np.ndarray:
+    """The colours of a dataset's classes: the synthetic demo's own (its "green stripes" are green), the
+    fixed palette otherwise."""
+    if list(class_names) == list(ppap.SYNTH_CLASSES):
+        return ppap.SYNTH_PALETTE
+    return palette(len(class_names))
+
+
 def _font(size: int):
     from PIL import ImageFont
     try:
@@ -371,7 +380,7 @@ def plot_examples(examples, class_names, cluster_assignment, path, tile=160, crf
     'cluster_crf' each with its own matching."""
     from PIL import Image, ImageDraw
     C = len(class_names)
-    pal = palette(C)
+    pal = class_palette(class_names)
     if not isinstance(cluster_assignment, dict):
         cluster_assignment = {"cluster": cluster_assignment, "cluster_crf": cluster_assignment}
     amaps = {k: np.asarray(list(v), dtype=np.int64) for k, v in cluster_assignment.items()}
@@ -537,8 +546,15 @@ def _run_metrics(run: str) -> tuple:
                     doc = json.load(f)
             except (OSError, ValueError) as e:
                 raise EvalError(f"cannot read {p}: {e}") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("metrics"), dict):
+                raise EvalError(f"{p} is not a metrics.json of eval.py (no 'metrics' object)")
+            ckpt = os.path.join(run, "last.pt")
+            if os.path.dirname(p) == os.path.join(run, "eval") and os.path.exists(ckpt) \
+                    and os.path.getmtime(ckpt) > os.path.getmtime(p):
+                print(f"warning: {p} is older than {ckpt}: it scores an earlier checkpoint; "
+                      f"refresh it with: python eval.py --run {shlex.quote(run)}", file=sys.stderr)
             flat = {}
-            for probe, m in (doc.get("metrics") or {}).items():
+            for probe, m in doc["metrics"].items():
                 if not isinstance(m, dict):
                     continue
                 for key in ("mIoU", "Acc", "IoU_extra"):
@@ -805,6 +821,8 @@ def main(argv=None) -> int:
             s = summarize(args.summarize)
             print(format_summary(s))
             if args.out:
+                if os.path.exists(args.out) and not os.path.isdir(args.out):
+                    raise EvalError(f"--out {args.out} is a file; give a directory")
                 os.makedirs(args.out, exist_ok=True)
                 path = os.path.join(args.out, "summary.json")
                 ppap.atomic_write(path, lambda p: ppap.write_json(p, _nan_to_none(s), indent=1))

@@ -14,6 +14,7 @@ Numbers follow the authors' code (github.com/hynnsk/PPAP) on the same inputs; ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import glob
 import hashlib
@@ -23,8 +24,11 @@ import multiprocessing
 import os
 import random
 import shutil
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -160,10 +164,29 @@ def check_config(cfg: Config) -> None:
         raise PPAPError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     if cfg.patch not in (8, 16):
         raise PPAPError(f"--patch must be 8 or 16, not {cfg.patch}")
+    positive = ("trainpatchsplit", "group", "batch_size", "img_size", "val_size", "epochs", "imagenet_s_classes")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise PPAPError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}")
+    for name in ("max_steps", "seed", "num_workers", "crop_workers", "val_every", "val_limit"):
+        if getattr(cfg, name) < 0:
+            raise PPAPError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(cfg, name)}")
+    for name in ("phi0", "psi0", "sigma_pos", "sigma_amb", "tau", "ppap_weight", "lr", "weight_decay",
+                 "linear_lr", "cluster_lr", "grad_clip"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise PPAPError(f"--{name.replace('_', '-')} must be a finite number, not {getattr(cfg, name)}")
+    for name in ("tau", "sigma_pos", "sigma_amb", "grad_clip"):
+        if getattr(cfg, name) <= 0:
+            raise PPAPError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}")
+    for name in ("lr", "weight_decay", "linear_lr", "cluster_lr", "ppap_weight"):
+        if getattr(cfg, name) < 0:
+            raise PPAPError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(cfg, name)}")
     if cfg.img_size % cfg.patch or cfg.val_size % cfg.patch:
         raise PPAPError(f"--img-size/--val-size must be multiples of the patch size {cfg.patch}")
     if cfg.optimizer not in ("adam", "adamw"):
         raise PPAPError(f"--optimizer must be adam or adamw, not {cfg.optimizer!r}")
+    if cfg.amp_dtype not in ("fp16", "bf16"):
+        raise PPAPError(f"--amp-dtype must be fp16 or bf16, not {cfg.amp_dtype!r}")
     if cfg.group % cfg.trainpatchsplit:
         raise PPAPError(f"--group {cfg.group} is not divisible by --trainpatchsplit {cfg.trainpatchsplit}")
     if not 0 <= cfg.crop_quality <= 100:
@@ -364,7 +387,6 @@ class PPAP(nn.Module):
         self.head = copy.deepcopy(backbone.blocks[-1]).requires_grad_(True)
         D = backbone.embed_dim
         self.proj = nn.Linear(D, D)
-        self.crit_dropout = nn.Dropout2d(p=CRIT_DROPOUT)
         self.cluster_probe = ClusterProbe(D, n_classes)
         self.linear_probe = nn.Conv2d(D, n_classes, 1)
         self.n_classes, self.patch_size, self.dim = n_classes, backbone.patch_size, D
@@ -374,20 +396,32 @@ class PPAP(nn.Module):
         self.backbone.eval()           # frozen: never in training mode (it has no dropout, but be explicit)
         return self
 
-    def forward(self, x):
-        """x normalised [B,3,H,W] -> {'code' [B,D,h,w], 'z' [B*h*w,D] unit rows, 'crit' [B,D,h,w]}."""
+    def forward(self, x, crit_keep: torch.Tensor | None = None):
+        """x normalised [B,3,H,W] -> {'code' [B,D,h,w], 'z' [B*h*w,D] unit rows, 'crit' [B,D,h,w]}.
+
+        crit_keep [B,D]: the criterion dropout in training (crit_dropout_mask); None leaves crit as is."""
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
         with torch.no_grad():
             t11, c = self.backbone.tokens(x)
         grid = lambda t: t[:, 1:].reshape(B, h, w, -1).permute(0, 3, 1, 2)
-        crit = self.crit_dropout(grid(c))
+        crit = grid(c)
+        if crit_keep is not None:
+            crit = crit * crit_keep.to(crit.device, crit.dtype)[:, :, None, None]
         code = grid(self.backbone.norm(self.head(t11)))
         z = F.normalize(self.proj(code.permute(0, 2, 3, 1).reshape(B * h * w, -1)), dim=1)
         return {"code": code, "z": z, "crit": crit}
 
     def head_parameters(self):
         return list(self.head.parameters()) + list(self.proj.parameters())
+
+
+def crit_dropout_mask(batch: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dropout2d(p=CRIT_DROPOUT) on the criterion features as a [B,D] mask: whole channels dropped, the rest
+    scaled by 1/(1-p). Drawn on the CPU from the run's step generator, so the draw is the same on every
+    device and resumes exactly."""
+    keep = torch.empty(batch, dim).bernoulli_(1 - CRIT_DROPOUT, generator=generator)
+    return keep / (1 - CRIT_DROPOUT)
 
 
 def build_model(cfg: Config, n_classes: int) -> PPAP:
@@ -499,12 +533,12 @@ def loss_args(cfg: Config) -> dict:
                 sigma_amb=cfg.sigma_amb, tau=cfg.tau, group=cfg.group, no_ambiguity=cfg.no_ambiguity)
 
 
-def contrastive_loss(cfg: Config, z: torch.Tensor, crit: torch.Tensor):
+def contrastive_loss(cfg: Config, z: torch.Tensor, crit: torch.Tensor, generator: torch.Generator | None = None):
     """The training step's contrastive term: z [N,D], crit [B,D,h,w] -> (loss, stats dict).
 
     A fork swaps the loss here (and in loss_args); the step logs whatever statistics it returns."""
     f = crit.permute(0, 2, 3, 1).reshape(-1, crit.shape[1])
-    anchors = draw_anchors(f.shape[0], cfg.group, cfg.group // cfg.trainpatchsplit)
+    anchors = draw_anchors(f.shape[0], cfg.group, cfg.group // cfg.trainpatchsplit, generator)
     return ppap_loss(z, f, anchors, **loss_args(cfg))
 
 
@@ -516,14 +550,21 @@ GRAD_SCALER_INIT, GRAD_SCALER_GROWTH = 2048, 1000   # run.py: GradScaler(init_sc
 
 
 def pick_device(name: str) -> torch.device:
+    """--device -> torch.device: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise PPAPError(f"unknown --device {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PPAPError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise PPAPError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise PPAPError(f"--device {name}: this code runs on the CPU and on CUDA GPUs; use cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PPAPError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PPAPError(f"--device {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -561,31 +602,76 @@ def probe_losses(model: PPAP, code, label):
     return linear, cluster
 
 
-def train_step(model, batch, opts, scaler, cfg: Config, device) -> dict:
+class Diverged(PPAPError):
+    """The loss is not a finite number: training cannot continue from here."""
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C waits until the optimisers have all stepped, so a saved state is never half-updated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def _has_grad(opt) -> bool:
+    return any(p.grad is not None for group in opt.param_groups for p in group["params"])
+
+
+def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch.Generator | None = None) -> dict:
     """One step: forward, contrastive loss + probe losses, backward, clip, the three optimisers.
-    -> stats: the losses, the gradient norm and whatever statistics the contrastive loss reports."""
+    `generator` draws the step's randomness (criterion dropout, anchors). -> stats: the losses, the gradient
+    norm, whatever statistics the contrastive loss reports, and 'skipped' (1 when the step's gradients were
+    not finite and no optimiser stepped: fp16 loss scaling halves its scale, other precisions skip)."""
     img = batch["img"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
     for o in opts.values():
         o.zero_grad(set_to_none=True)
     dtype = amp_dtype(cfg, device)
+    keep = crit_dropout_mask(img.shape[0], model.dim, generator)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        out = model(img)
+        out = model(img, crit_keep=keep)
         linear, cluster = probe_losses(model, out["code"], label)
     loss = linear + cluster
     stats = {}
     if cfg.ppap_weight:    # weight 0 is the baseline: no gradient reaches head/projection
-        loss_ppap, stats = contrastive_loss(cfg, out["z"], out["crit"])
+        loss_ppap, stats = contrastive_loss(cfg, out["z"], out["crit"], generator)
         loss = loss + cfg.ppap_weight * loss_ppap
         stats = {"ppap": loss_ppap.item(), **stats}
+    if not math.isfinite(loss.item()):
+        raise Diverged(f"the loss is {loss.item()} (ppap {stats.get('ppap', 0.0):.4g}, linear {linear.item():.4g}, "
+                       f"cluster {cluster.item():.4g})")
     scaler.scale(loss).backward()
-    scaler.unscale_(opts["net"])
-    gnorm = nn.utils.clip_grad_norm_(model.head_parameters(), cfg.grad_clip)
-    for o in opts.values():
-        scaler.step(o)
-    scaler.update()
-    return {"loss": loss.item(), "linear": linear.item(), "cluster": cluster.item(), "grad_norm": float(gnorm),
-            **stats}
+    # Only optimisers whose parameters received a gradient step (with --ppap-weight 0 the head gets none, and
+    # GradScaler.step refuses an optimiser it has recorded no inf check for).
+    stepping = [o for o in opts.values() if _has_grad(o)]
+    gnorm = 0.0
+    if _has_grad(opts["net"]):
+        scaler.unscale_(opts["net"])
+        gnorm = float(nn.utils.clip_grad_norm_(model.head_parameters(), cfg.grad_clip))
+    with deferred_interrupt():
+        if scaler.is_enabled():
+            scale = scaler.get_scale()
+            for o in stepping:
+                scaler.step(o)                   # skips the step itself when the gradients hold inf/NaN
+            scaler.update()
+            skipped = scaler.get_scale() < scale
+        else:
+            grads = [p.grad for o in stepping for g in o.param_groups for p in g["params"] if p.grad is not None]
+            skipped = not math.isfinite(gnorm) or bool(torch.stack([(~torch.isfinite(g)).any() for g in grads]).any())
+            if not skipped:
+                for o in stepping:
+                    o.step()
+    return {"loss": loss.item(), "linear": linear.item(), "cluster": cluster.item(), "grad_norm": gnorm,
+            **stats, "skipped": int(skipped)}
 
 
 # ---- validation metrics (the authors' utils/seg_utils.py UnsupervisedMetrics)
@@ -791,12 +877,16 @@ def _format_stats(st: dict) -> dict:
 
 def train(cfg: Config, ckpt: dict | None = None) -> dict:
     """Train PPAP as configured (continuing ``ckpt`` when given); returns the final validation metrics.
-    Everything goes to cfg.run."""
+    Everything goes to cfg.run, which this process holds locked while it trains."""
     device = pick_device(cfg.device)
     if not cfg.run:
         cfg.run = os.path.join("runs", f"{cfg.data}_{cfg.arch}{cfg.patch}_{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(cfg.run, exist_ok=True)
+    continuing = ckpt is not None and os.path.dirname(ckpt["_file"]) == os.path.abspath(cfg.run)
+    with claim_run_dir(cfg.run, continuing):
+        return _train(cfg, ckpt, device)
 
+
+def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
     banner("config")
     print(f"git {git_commit()} | torch {torch.__version__} | device {device}")
     for k, v in asdict(cfg).items():
@@ -804,7 +894,7 @@ def train(cfg: Config, ckpt: dict | None = None) -> dict:
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)          # the model's initialisation (the authors' seed_everything)
     banner("data")
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     if cfg.val_limit:
@@ -822,16 +912,19 @@ def train(cfg: Config, ckpt: dict | None = None) -> dict:
     model = build_model(cfg, train_set.n_classes).to(device)
     opts = build_optimizers(cfg, model)
     scaler = make_scaler(cfg, device)
-    step, best = 0, None
+    step_gen = torch.Generator().manual_seed(cfg.seed)   # anchors and criterion dropout, step after step
+    step, best, n_skipped = 0, None, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         for k, o in opts.items():
             o.load_state_dict(ckpt["optim"][k])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, best = ckpt["step"], ckpt.get("best")
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if scaler.is_enabled() and ckpt["scaler"]:        # a CPU or bf16 run has no scaler state to restore
+            scaler.load_state_dict(ckpt["scaler"])
+        if "step" not in ckpt.get("rng", {}):
+            raise PPAPError(f"{ckpt['_file']} was written by an older version of ppap.py and cannot be resumed "
+                            f"exactly; evaluate it with eval.py, or start a new run")
+        step_gen.set_state(ckpt["rng"]["step"])
+        step, best, n_skipped = ckpt["step"], ckpt.get("best"), ckpt.get("skipped_steps", 0)
         print(f"resumed {cfg.run} at step {step}")
     n_train = sum(p.numel() for p in model.head_parameters())
     print(f"{cfg.arch}/{cfg.patch}: {sum(p.numel() for p in model.backbone.parameters()) / 1e6:.1f}M frozen, "
@@ -842,50 +935,82 @@ def train(cfg: Config, ckpt: dict | None = None) -> dict:
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     val_loader = make_loader(cfg, val_set, train=False, batch_size=max(1, min(cfg.batch_size, 8)))
-    log_path = os.path.join(cfg.run, "log.jsonl")
+    log = RunLog(os.path.join(cfg.run, "log.jsonl"), after=step if ckpt is not None else 0)
+    saved = step if ckpt is not None else None            # the step last.pt holds
+    step_rng = step_gen.get_state()                        # the generator as the next step starts
+
+    def save(selection="last"):
+        nonlocal saved
+        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise Diverged(f"non-finite weights ({', '.join(bad[:3])})")
+        save_checkpoint(model, opts, scaler, cfg, step, train_set, best, selection,
+                        rng={"step": step_rng}, skipped_steps=n_skipped)
+        if selection == "last":
+            saved = step
 
     def run_validation():
         nonlocal best
         metrics = evaluate(model, val_loader, device, amp=amp_dtype(cfg, device), progress=cfg.progress)
-        record = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, float)}}
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        record = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, float)},
+                  "skipped_steps": n_skipped}
+        log.append(record)
         print(f"[val step {step}] " + "  ".join(f"{k} {v:.2f}" for k, v in record.items()
-                                                 if k != "step"), flush=True)
+                                                 if k.endswith(("_mIoU", "_Acc"))), flush=True)
         if cfg.select_on_val:
             score = sum(record.get(k, 0) for k in ("cluster_mIoU", "cluster_Acc", "linear_mIoU", "linear_Acc"))
             if best is None or score >= best["score"]:
                 best = {"score": score, "step": step}
-                save_checkpoint(model, opts, scaler, cfg, step, train_set, best, "best-on-val")
+                save("best-on-val")
+                save()                                   # last.pt records the new best too
         model.train()
-        return metrics
+        return record
 
     banner("train")
     model.train()
-    metrics = None
+    metrics = log.record(step) if ckpt is not None else None
+    if ckpt is not None and metrics is None and step and validation_due(cfg, step, steps_per_epoch, total):
+        metrics = run_validation()                       # the interrupted run saved, then failed to validate
     bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc="train", disable=not cfg.progress)
-    while step < total:
-        epoch, skip = divmod(step, steps_per_epoch)
-        for batch in make_loader(cfg, train_set, train=True, epoch=epoch, skip=skip):
-            t0 = time.time()
-            st = train_step(model, batch, opts, scaler, cfg, device)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(_format_stats(st), ips=f"{cfg.batch_size / (time.time() - t0):.1f}")
-            if validation_due(cfg, step, steps_per_epoch, total):
-                bar.clear()
-                metrics = run_validation()
-                save_checkpoint(model, opts, scaler, cfg, step, train_set, best)
-            if step == total:
-                break
+    try:
+        while step < total:
+            epoch, skip = divmod(step, steps_per_epoch)
+            for batch in make_loader(cfg, train_set, train=True, epoch=epoch, skip=skip):
+                t0 = time.time()
+                st = train_step(model, batch, opts, scaler, cfg, device, step_gen)
+                step, n_skipped, step_rng = step + 1, n_skipped + st.pop("skipped"), step_gen.get_state()
+                bar.update(1)
+                extra = {"skipped": n_skipped} if n_skipped else {}
+                if scaler.is_enabled():
+                    extra["scale"] = f"{scaler.get_scale():g}"
+                bar.set_postfix(_format_stats(st), **extra, ips=f"{cfg.batch_size / (time.time() - t0):.1f}")
+                if validation_due(cfg, step, steps_per_epoch, total):
+                    bar.clear()
+                    save()                               # first: a failing validation must not lose the steps
+                    metrics = run_validation()
+                if step == total:
+                    break
+    except KeyboardInterrupt:
+        bar.close()
+        if step and saved != step:
+            save()
+        raise KeyboardInterrupt(f"interrupted at step {step}: {os.path.join(cfg.run, 'last.pt')} holds step "
+                                f"{saved}; continue with: python ppap.py --resume {shlex.quote(cfg.run)}"
+                                if saved is not None else f"interrupted at step {step}: nothing was saved")
+    except Diverged as e:
+        bar.close()
+        kept = f"{os.path.join(cfg.run, 'last.pt')} keeps step {saved}" if saved else "nothing was saved"
+        raise Diverged(f"training diverged at step {step + 1}: {e}; stopped ({kept})") from None
     bar.close()
-    if metrics is None:            # resumed a finished run
+    if metrics is None:            # resumed a finished run whose last validation is not in the log
         metrics = run_validation()
     banner("result")
     selection = "last checkpoint" + (f" (best-on-val kept separately at step {best['step']})" if best else "")
     print(f"{selection}: unsupervised mIoU {metrics['cluster_mIoU']:.2f}  Acc {metrics['cluster_Acc']:.2f} | "
           f"linear mIoU {metrics['linear_mIoU']:.2f}  Acc {metrics['linear_Acc']:.2f}")
-    print(f"run: {cfg.run}  (evaluate with: python eval.py --run {cfg.run})")
+    if n_skipped:
+        print(f"{n_skipped} step(s) were skipped for non-finite gradients")
+    print(f"run: {cfg.run}  (evaluate with: python eval.py --run {shlex.quote(cfg.run)})")
     return metrics
 
 
@@ -937,7 +1062,11 @@ def load_backbone_weights(vit: VisionTransformer, path: str) -> None:
                 else f"shape mismatch at {wrong[:3]}")
         raise PPAPError(f"{path} does not fit {vit.embed_dim}-wide ViT/{vit.patch_size} ({what}); "
                         f"check --arch/--patch, or run: bash download.sh weights")
-    vit.adopt_pos_grid(sd["pos_embed"])
+    pe = sd["pos_embed"]
+    g = math.isqrt(max(pe.shape[1] - 1, 0)) if pe.dim() == 3 else 0
+    if pe.dim() != 3 or pe.shape[0] != 1 or pe.shape[2] != vit.embed_dim or g < 1 or g * g != pe.shape[1] - 1:
+        raise PPAPError(f"{path}: pos_embed {tuple(pe.shape)} is not a square grid [1, 1+g*g, {vit.embed_dim}]")
+    vit.adopt_pos_grid(pe)
     vit.load_state_dict(sd, strict=True)
 
 
@@ -952,6 +1081,7 @@ def build_backbone(cfg: Config) -> VisionTransformer:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(name))
         if not os.path.exists(path):
             try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)     # a fresh TORCH_HOME has none
                 torch.hub.download_url_to_file(DINO_URL + name, path, progress=cfg.progress)
             except Exception as e:
                 raise PPAPError(f"cannot fetch DINO weights {DINO_URL + name} ({type(e).__name__}); run: "
@@ -971,6 +1101,8 @@ def build_backbone(cfg: Config) -> VisionTransformer:
 SYNTH_CLASSES = ["red grain", "green stripes", "blue checks", "yellow smooth", "purple waves", "grey noise"]
 _SYNTH_COLOURS = np.array([[0.75, 0.30, 0.25], [0.35, 0.65, 0.30], [0.25, 0.35, 0.80],
                            [0.80, 0.75, 0.30], [0.70, 0.30, 0.70], [0.35, 0.35, 0.35]], dtype=np.float32)
+SYNTH_PALETTE = np.round(255 * _SYNTH_COLOURS / _SYNTH_COLOURS.max(1, keepdims=True) * [[0.9], [0.8], [0.9], [0.95],
+                                                                                        [0.85], [0.5]]).astype(np.uint8)
 
 
 def synthetic_sample(index: int, size: int, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -1152,14 +1284,50 @@ def _label_image(arr):
 
 # ---- raw loaders: (image path, label path) -> (PIL RGB full resolution, int64 coarse label, -1 ignore)
 
+@contextlib.contextmanager
+def _reading(path):
+    """Turns a file that cannot be decoded (truncated, not an image, unreadable) into one line naming it;
+    a missing file stays FileNotFoundError (the caller knows which download or rebuild brings it back)."""
+    try:
+        yield
+    except (FileNotFoundError, PPAPError):
+        raise
+    except Exception as e:                     # PIL, scipy.io and OS errors alike
+        reason = " ".join(str(e).replace(f"'{path}'", "").replace(str(path), "").split())[:200]
+        reason = reason.rstrip(" :") or type(e).__name__
+        raise PPAPError(f"cannot read {path}: {reason}") from None
+
+
+def open_rgb(path) -> Image.Image:
+    """An image file -> PIL RGB, 8 bits per channel. 16-bit and float grey images are scaled to 8 bits
+    (Pillow's convert('RGB') would clip them to white)."""
+    with _reading(path):
+        img = Image.open(path)
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(img, dtype=np.float64)
+            if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+                arr = arr * (255.0 / 65535.0)
+            img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+        return img.convert("RGB")
+
+
+def open_label(path) -> np.ndarray:
+    """A single-channel label file -> int64 [H,W] of the stored ids."""
+    with _reading(path):
+        lab = np.asarray(Image.open(path))
+    if lab.ndim != 2:
+        raise PPAPError(f"label {path} has {lab.shape[-1]} channels (an RGB picture?); expected a "
+                        f"single-channel map of class ids")
+    return lab.astype(np.int64)
+
+
 def _load_coco(img_path, lab_path):
-    img = Image.open(img_path).convert("RGB")
-    return img, _apply_lut(_COCO_LUT, Image.open(lab_path))   # fine ids 0..181, 255 unlabelled
+    return open_rgb(img_path), _apply_lut(_COCO_LUT, open_label(lab_path))   # fine 0..181, 255 unlabelled
 
 
 def _load_cityscapes(img_path, lab_path):
-    img = Image.open(img_path).convert("RGB")
-    return img, _apply_lut(_CITYSCAPES_LUT, Image.open(lab_path))   # labelIds 0..33
+    return open_rgb(img_path), _apply_lut(_CITYSCAPES_LUT, open_label(lab_path))   # labelIds 0..33
 
 
 def _potsdam_image(arr):
@@ -1176,20 +1344,37 @@ def _potsdam_image(arr):
 
 
 def _load_potsdam(img_path, lab_path):
-    img = _potsdam_image(loadmat(img_path)["img"])
-    lab = np.asarray(loadmat(lab_path)["gt"])
-    return img, _apply_lut(_POTSDAM_LUT, lab.reshape(lab.shape[:2]))   # fine 0..5, 255 ignore
+    with _reading(img_path):
+        img = _potsdam_image(loadmat(img_path)["img"])
+    with _reading(lab_path):
+        lab = np.asarray(loadmat(lab_path)["gt"])
+        lab = lab.reshape(lab.shape[:2])
+    return img, _apply_lut(_POTSDAM_LUT, lab)                  # fine 0..5, 255 ignore
 
 
 def _load_imagenet_s(img_path, lab_path):
-    img = Image.open(img_path).convert("RGB")
-    rgb = np.asarray(Image.open(lab_path).convert("RGB")).astype(np.int64)
+    with _reading(lab_path):
+        rgb = np.asarray(Image.open(lab_path).convert("RGB")).astype(np.int64)
     lab = rgb[..., 0] + 256 * rgb[..., 1]                     # class id = R + 256*G
-    return img, np.where(lab == IMAGENET_S_IGNORE, -1, lab)
+    return open_rgb(img_path), np.where(lab == IMAGENET_S_IGNORE, -1, lab)
 
 
-_RAW_LOADERS = {"cocostuff": _load_coco, "cityscapes": _load_cityscapes,
-                "potsdam": _load_potsdam, "imagenet-s": _load_imagenet_s}
+def _load_five_crop(img_path, lab_path):
+    return open_rgb(img_path), open_label(lab_path) - 1       # stored as label + 1
+
+
+_RAW_LOADERS = {"cocostuff": _load_coco, "cityscapes": _load_cityscapes, "potsdam": _load_potsdam,
+                "imagenet-s": _load_imagenet_s, "five_crop": _load_five_crop}
+
+
+def load_pair(kind, img_path, lab_path):
+    """One (image, label) pair at its stored resolution -> (PIL RGB, int64 label, -1 = ignore); a label
+    of another size than its image is an error (resizing it would silently move every boundary)."""
+    img, lab = _RAW_LOADERS[kind](img_path, lab_path)
+    if lab.shape != (img.height, img.width):
+        raise PPAPError(f"label {lab_path} is {lab.shape[1]}x{lab.shape[0]} but image {img_path} "
+                        f"is {img.width}x{img.height}")
+    return img, lab
 
 
 class RealSegDataset(torch.utils.data.Dataset):
@@ -1205,15 +1390,11 @@ class RealSegDataset(torch.utils.data.Dataset):
 
     def load_raw(self, i):
         """-> (PIL RGB image, int64 label array with -1 = ignore), at the stored resolution."""
-        img_path, lab_path = self.pairs[i]
         try:
-            if self.kind == "five_crop":
-                img = Image.open(img_path).convert("RGB")
-                return img, np.asarray(Image.open(lab_path), dtype=np.int64) - 1   # stored label + 1
-            return _RAW_LOADERS[self.kind](img_path, lab_path)
+            return load_pair(self.kind, *self.pairs[i])
         except FileNotFoundError as e:
             if self.kind == "five_crop":
-                crops = os.path.dirname(os.path.dirname(os.path.dirname(img_path)))
+                crops = os.path.dirname(os.path.dirname(os.path.dirname(self.pairs[i][0])))
                 raise PPAPError(f"missing {e.filename} — delete {crops} to rebuild the five-crop set") from None
             raise _missing(e.filename, self.name, self.data_dir) from None
 
@@ -1234,12 +1415,9 @@ def _five_crop_one(task):
     if all(os.path.exists(p) for pair in names for p in pair):
         return i
     try:
-        img, lab = _RAW_LOADERS[kind](img_path, lab_path)
+        img, lab = load_pair(kind, img_path, lab_path)
     except FileNotFoundError as e:
         raise PPAPError(f"missing {e.filename}") from None
-    if lab.shape != (img.height, img.width):
-        raise PPAPError(f"label {lab_path} is {lab.shape[1]}x{lab.shape[0]} but image {img_path} "
-                        f"is {img.width}x{img.height}")
     # Pillow's defaults (quality 75, 4:2:0 chroma) are what the authors' and STEGO's crop scripts wrote
     jpeg = dict(quality=quality, subsampling=0) if quality else {}
     stored = Image.fromarray((lab + 1).clip(0, 255).astype(np.uint8))     # mode L
@@ -1249,10 +1427,17 @@ def _five_crop_one(task):
     return i
 
 
-def _pairs_digest(pairs):
+def _sources_digest(pairs):
+    """Names, sizes and modification times of the source files: a replaced image or label changes it,
+    so its stale crops are rebuilt instead of silently reused."""
     h = hashlib.sha1()
-    for a, b in pairs:
-        h.update(f"{os.path.basename(a)}\t{os.path.basename(b)}\n".encode())
+    for pair in pairs:
+        for p in pair:
+            try:
+                st = os.stat(p)
+                h.update(f"{os.path.basename(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{os.path.basename(p)}|missing\n".encode())
     return h.hexdigest()
 
 
@@ -1284,11 +1469,16 @@ def build_five_crop(name, kind, pairs, data_dir, workers=0, progress=True, quali
     out = five_crop_dir(data_dir, name, quality=quality)
     manifest = {"dataset": name, "version": _FIVE_CROP_VERSION, "ratio": FIVE_CROP_RATIO,
                 "jpeg": {"quality": quality, "subsampling": "4:4:4"} if quality else "pillow-default",
-                "n_images": len(pairs), "n_crops": 5 * len(pairs), "sources_sha1": _pairs_digest(pairs)}
+                "n_images": len(pairs), "n_crops": 5 * len(pairs), "sources_sha1": _sources_digest(pairs)}
     if _read_json(os.path.join(out, "DONE.json")) == manifest:
         return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".lock", "w") as lock:
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        lock = open(out + ".lock", "w")
+    except OSError as e:
+        raise PPAPError(f"cannot create the five-crop cache in {os.path.dirname(out)} ({e.strerror}); its "
+                        f"first use needs a writable --data-dir (a copy, or build it once where it is)") from None
+    with lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)      # one builder at a time; the others wait, then reuse
         if _read_json(os.path.join(out, "DONE.json")) == manifest:
@@ -1320,6 +1510,9 @@ def build_five_crop(name, kind, pairs, data_dir, workers=0, progress=True, quali
                         bar.update(1)
         except PPAPError as e:
             raise PPAPError(f"{e} — run: bash download.sh {name} {data_dir}") from None
+        except OSError as e:
+            raise PPAPError(f"cannot write the five-crop cache {tmp}: {e.strerror or type(e).__name__} (disk full or "
+                            f"read-only?); the next run resumes it") from None
         finally:
             bar.close()
         atomic_write(os.path.join(tmp, "DONE.json"), lambda p: write_json(p, manifest))
@@ -1503,6 +1696,11 @@ def write_json(path, obj, indent=None):
         json.dump(obj, f, indent=indent)
 
 
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
 def git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -1515,18 +1713,73 @@ def git_commit() -> str:
         return "unknown"
 
 
-def save_checkpoint(model, opts, scaler, cfg: Config, step: int, dataset, best=None, selection="last") -> str:
+def save_checkpoint(model, opts, scaler, cfg: Config, step: int, dataset, best=None, selection="last",
+                    rng=None, skipped_steps=0) -> str:
     """Everything a run needs to continue or be evaluated, as tensors, numbers and strings only (it loads
-    with weights_only=True): last.pt, or best_on_val.pt for selection 'best-on-val'."""
+    with weights_only=True): last.pt, or best_on_val.pt for selection 'best-on-val'. A full disk leaves the
+    previous file intact and is one PPAPError."""
     state = {"selection": selection, "model": model.state_dict(),
              "optim": {k: o.state_dict() for k, o in opts.items()}, "scaler": scaler.state_dict(),
              "step": step, "config": asdict(cfg), "n_classes": dataset.n_classes,
              "class_names": list(dataset.class_names), "git": git_commit(), "best": best,
-             "rng": {"torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+             "rng": rng or {}, "skipped_steps": skipped_steps}
     path = os.path.join(cfg.run, "best_on_val.pt" if selection == "best-on-val" else "last.pt")
-    atomic_write(path, lambda p: torch.save(state, p))
+    try:
+        atomic_write(path, lambda p: torch.save(state, p))
+    except OSError as e:
+        raise PPAPError(f"cannot write {path}: {e.strerror or e} (disk full?); the previous "
+                        f"{os.path.basename(path)} is intact") from None
     return path
+
+
+class RunLog:
+    """log.jsonl: one JSON record per validation. Opening it for a run that continues from `after` drops
+    the records of steps past it (a fresh run: after = 0, an empty log), so a resumed run never repeats a
+    step."""
+
+    def __init__(self, path: str, after: int):
+        self.path, self.records = path, []
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue                    # a half-written last line
+                    if isinstance(rec, dict) and rec.get("step", 0) <= after:
+                        self.records.append(rec)
+        atomic_write(path, lambda p: write_lines(p, [json.dumps(r) for r in self.records]))
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.records.append(record)
+
+    def record(self, step: int) -> dict | None:
+        return next((r for r in reversed(self.records) if r.get("step") == step), None)
+
+
+@contextlib.contextmanager
+def claim_run_dir(run: str, continuing: bool):
+    """Create and lock the run directory for this process. A new run never writes into a directory that
+    holds a run (its last.pt), and two processes never train in one directory."""
+    try:
+        os.makedirs(run, exist_ok=True)
+        lock = open(os.path.join(run, ".lock"), "a")
+    except OSError as e:
+        raise PPAPError(f"cannot write to the run directory {run}: {e.strerror or e}") from None
+    with lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise PPAPError(f"another process is training in {run}; wait for it, or choose another "
+                                f"--run") from None
+        held = [f for f in ("last.pt", "best_on_val.pt") if os.path.exists(os.path.join(run, f))]
+        if held and not continuing:
+            raise PPAPError(f"{run} already holds a run ({held[0]}); continue it with: python ppap.py --resume "
+                            f"{shlex.quote(run)}, or choose another --run")
+        yield
 
 
 def checkpoint_file(path: str) -> str:
@@ -1627,15 +1880,21 @@ def parse_args(argv=None) -> Config:
 
 
 def resume_config(overrides: dict) -> tuple[Config, dict]:
-    """--resume RUN [allowed flags] -> (the run's Config with those flags applied, its checkpoint)."""
-    refused = [k for k in overrides if k not in RESUME_FLAGS]
+    """--resume RUN [allowed flags] -> (the run's Config with those flags applied, its checkpoint).
+    A run continues in its own directory; --run NEW continues it in a new one (required when resuming
+    from best_on_val.pt, which would otherwise overwrite the run's newer last.pt)."""
+    refused = [k for k in overrides if k not in RESUME_FLAGS + ("run",)]
     if refused:
         raise PPAPError(f"--resume continues a run as it was configured; {', '.join('--' + k.replace('_', '-') for k in refused)} "
-                        f"cannot change (allowed: {', '.join('--' + k.replace('_', '-') for k in RESUME_FLAGS[1:])})")
-    file = checkpoint_file(overrides["resume"])
+                        f"cannot change (allowed: {', '.join('--' + k.replace('_', '-') for k in RESUME_FLAGS[1:])}, --run)")
+    file = os.path.abspath(checkpoint_file(overrides["resume"]))
     ckpt = read_checkpoint(file)
+    if os.path.basename(file) != "last.pt" and not overrides.get("run"):
+        raise PPAPError(f"--resume {file}: continuing from it would overwrite {os.path.dirname(file)}/last.pt, "
+                        f"which is newer; add --run NEW_DIR to continue in a new directory")
+    ckpt["_file"] = file
     cfg = config_from_checkpoint(ckpt, **overrides)
-    cfg.run = os.path.dirname(os.path.abspath(file))
+    cfg.run = overrides.get("run") or os.path.dirname(file)
     check_config(cfg)
     return cfg, ckpt
 
@@ -1648,12 +1907,22 @@ def main(argv=None) -> int:
         cfg, ckpt = resume_config(overrides) if overrides.get("resume") else (make_config(overrides), None)
         train(cfg, ckpt)
     except PPAPError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint is intact; continue with --resume <run>", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def one_line(e: Exception) -> str:
+    """An error's message on one line. An error raised in a DataLoader worker arrives wrapped in the
+    worker's traceback; its last line is the message."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = text.split(": ", 1)[1] if text.startswith(("ppap.PPAPError", "PPAPError", "__main__.PPAPError")) else text
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -350,7 +350,7 @@ def test_five_crop_interruption_and_idempotence(tmp_path, monkeypatch):
     # a truncated temporary file and a fake DONE.json in the temp folder must not matter
     open(os.path.join(partial, 'img', 'train', '5.jpg.tmp4242'), 'wb').write(b'\xff\xd8garbage')
     open(os.path.join(partial, 'DONE.json'), 'w').write('{}')
-    with pytest.raises(PermissionError):                      # loading now must not use it either
+    with pytest.raises(D.PPAPError, match="cannot write the five-crop cache"):   # not used as it is either
         monkeypatch.setattr(D, '_five_crop_one', lambda t: (_ for _ in ()).throw(PermissionError()))
         D.build_real_dataset(cfg('cocostuff', root), 'train')
     monkeypatch.setattr(D, '_five_crop_one', real)
@@ -591,3 +591,72 @@ def test_five_crop_jpegs_use_pillows_default_encoding_and_old_caches_are_rebuilt
     assert hq.endswith('cocostuff_five_crop_0.5_q95') and hq != out
     tables, sampling = _jpeg_encoding(os.path.join(hq, 'img', 'train', '0.jpg'))
     assert sampling == 0 and tables != default_tables                    # 4:4:4, other tables
+
+
+# ---------------------------------------------------------------- the unhappy path
+
+def test_a_val_label_of_the_wrong_size_is_an_error(tmp_path):
+    ids = make_coco(tmp_path, n_train=1, n_val=1)
+    lab = tmp_path / 'cocostuff' / 'annotations' / 'val2017' / f"{ids['val2017'][0]}.png"
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(lab)
+    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'val')
+    with pytest.raises(D.PPAPError, match=r"label .* is 30x40 but image .* is \d+x\d+"):
+        ds[0]
+
+
+def test_an_rgb_label_is_named_as_such(tmp_path):
+    ids = make_coco(tmp_path, n_train=1, n_val=1)
+    lab = tmp_path / 'cocostuff' / 'annotations' / 'val2017' / f"{ids['val2017'][0]}.png"
+    h, w = np.asarray(Image.open(lab)).shape
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(lab)
+    with pytest.raises(D.PPAPError, match=r"has 3 channels \(an RGB picture\?\)"):
+        D.build_real_dataset(cfg('cocostuff', tmp_path), 'val')[0]
+
+
+def test_truncated_and_undecodable_images_name_the_file(tmp_path):
+    ids = make_coco(tmp_path, n_train=1, n_val=2)
+    img = tmp_path / 'cocostuff' / 'images' / 'val2017' / f"{ids['val2017'][0]}.jpg"
+    img.write_bytes(img.read_bytes()[:300])
+    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'val')
+    with pytest.raises(D.PPAPError, match=f"^cannot read {img}: "):
+        ds[0]
+    # a truncated source image of the train split: the five-crop build names it too
+    src = tmp_path / 'cocostuff' / 'images' / 'train2017' / f"{ids['train2017'][0]}.jpg"
+    src.write_bytes(src.read_bytes()[:300])
+    with pytest.raises(D.PPAPError, match=f"^cannot read {src}: .* run: bash download.sh cocostuff"):
+        D.build_real_dataset(cfg('cocostuff', tmp_path), 'train')
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    grey = (np.arange(64 * 48).reshape(48, 64) * 21).astype(np.uint16)        # up to 64491 of 65535
+    p = tmp_path / 'g16.png'
+    Image.fromarray(grey).save(p)
+    assert Image.open(p).mode.startswith('I')
+    rgb = np.asarray(D.open_rgb(p))
+    assert rgb.shape == (48, 64, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+    np.testing.assert_array_equal(rgb[..., 0], np.clip(np.rint(grey * (255 / 65535)), 0, 255).astype(np.uint8))
+    assert 0 < rgb.mean() < 255                                               # not all white
+
+
+def test_a_replaced_source_label_rebuilds_its_crops(tmp_path):
+    ids = make_coco(tmp_path, n_train=1)
+    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'train')
+    lab = tmp_path / 'cocostuff' / 'annotations' / 'train2017' / f"{ids['train2017'][0]}.png"
+    fine = np.asarray(Image.open(lab))
+    Image.fromarray(np.full_like(fine, 95)).save(lab)                           # fine 95 -> coarse 20
+    os.utime(lab, ns=(1, 1))                                                   # even with an old timestamp
+    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'train')
+    assert (ds[0]['label'] == int(D._COCO_LUT[95])).all()
+
+
+def test_a_read_only_data_dir_without_a_crop_cache_is_one_line(tmp_path, monkeypatch):
+    make_coco(tmp_path, n_train=1)
+    real = os.makedirs
+
+    def read_only(path, *a, **kw):
+        if 'cropped' in str(path):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(os, 'makedirs', read_only)
+    with pytest.raises(D.PPAPError, match=r'cannot create the five-crop cache .* \(Permission denied\); .* writable'):
+        D.build_real_dataset(cfg('cocostuff', tmp_path), 'train')

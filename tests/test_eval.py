@@ -665,3 +665,55 @@ def test_knn_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "kNN table (3 neighbours per image, 64 images)" in out
     assert (tmp_path / "k" / "knn.png").exists()
+
+
+# ---------------------------------------------------------------------------
+# the unhappy path
+
+def test_summarize_says_when_metrics_json_is_older_than_the_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "metrics.json").write_text(json.dumps({"metrics": {"cluster": {"mIoU": 40.0, "Acc": 70.0}}}))
+    (run / "last.pt").write_bytes(b"newer checkpoint")
+    os.utime(run / "eval" / "metrics.json", (1000, 1000))
+    assert ev.main(["--summarize", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "older than" in err and "last.pt" in err and "python eval.py --run" in err
+
+
+def test_summarize_bad_inputs_are_one_line(tmp_path, capsys):
+    def one(argv):
+        rc = ev.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metrics.json").write_text("{not json")
+    assert "cannot read" in one(["--summarize", str(bad)])
+    (bad / "metrics.json").write_text("[1, 2]")
+    assert "no 'metrics' object" in one(["--summarize", str(bad)])
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "metrics.json").write_text(json.dumps({"metrics": {"cluster": {"mIoU": 1.0}}}))
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in one(["--summarize", str(good), "--out", str(tmp_path / "afile")])
+
+
+def test_the_demo_classes_are_drawn_in_their_own_colours():
+    pal = ev.class_palette(ppap.SYNTH_CLASSES)
+    for name, (r, g, b) in zip(ppap.SYNTH_CLASSES, pal.astype(int)):
+        word = name.split()[0]
+        if word == "red":
+            assert r > g + 60 and r > b + 60
+        elif word == "green":
+            assert g > r + 60 and g > b + 60
+        elif word == "blue":
+            assert b > r + 60 and b > g + 60
+        elif word == "yellow":
+            assert min(r, g) > b + 60
+        elif word == "purple":
+            assert min(r, b) > g + 60
+        else:
+            assert max(r, g, b) - min(r, g, b) < 10
+    assert np.array_equal(ev.class_palette(["a", "b"]), ev.palette(2))

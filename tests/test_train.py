@@ -243,3 +243,221 @@ def test_validation_schedule_default_and_the_authors():
     authors = [e * 10 + i + 1 for e in range(3) for i in range(10) if (i + 1) % 4 == 0 or i + 1 == 10]
     assert [s for s in range(1, 31) if ppap.validation_due(cfg, s, 10, 30)] == authors
     assert authors == [4, 8, 10, 14, 18, 20, 24, 28, 30]
+
+
+# ---------------------------------------------------------------- the unhappy path: nothing lost, nothing run
+
+S = ["--data", "synthetic", "--batch-size", "4", "--img-size", "56", "--val-size", "56", "--group", "196",
+     "--trainpatchsplit", "4", "--val-limit", "8", "--val-every", "2", "--max-steps", "4", "--no-progress",
+     "--num-workers", "0"]
+
+
+def _one_error_line(capsys, rc, code=2):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code and len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+class _Payload:
+    """A pickle that runs a command when loaded (what a hostile last.pt would carry)."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_hostile_checkpoint_is_never_executed(tmp_path, capsys):
+    import eval as ev
+    run = tmp_path / "run"
+    run.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "config": {"data": "synthetic"}, "n_classes": 6, "payload": _Payload(marker)},
+               run / "last.pt")
+    assert "cannot read checkpoint" in _one_error_line(capsys, ppap.main(["--resume", str(run)]))
+    assert not marker.exists()
+    assert ev.main(["--run", str(run), "--device", "cpu"]) == 2 and not marker.exists()
+    with pytest.raises(ppap.PPAPError):
+        ppap.load_run(str(run))
+    assert not marker.exists()
+
+
+def test_a_new_run_never_overwrites_an_existing_one(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    assert ppap.main(S + ["--run", run]) == 0
+    before = open(os.path.join(run, "last.pt"), "rb").read()
+    log_before = open(os.path.join(run, "log.jsonl")).read()
+    capsys.readouterr()
+    msg = _one_error_line(capsys, ppap.main(S + ["--max-steps", "2", "--run", run]))
+    assert "already holds a run" in msg and "--resume" in msg
+    assert open(os.path.join(run, "last.pt"), "rb").read() == before
+    assert open(os.path.join(run, "log.jsonl")).read() == log_before
+
+
+def test_a_run_directory_is_locked_while_a_process_trains_in_it(tmp_path, capsys):
+    import fcntl
+    run = tmp_path / "r"
+    run.mkdir()
+    with open(run / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)        # another trainer holds the directory
+        assert "another process is training" in _one_error_line(capsys, ppap.main(S + ["--run", str(run)]))
+    assert not (run / "last.pt").exists()
+
+
+def test_resuming_from_best_on_val_needs_a_new_directory(tmp_path, capsys):
+    run, fork = str(tmp_path / "r"), str(tmp_path / "fork")
+    assert ppap.main(S + ["--select-on-val", "--run", run]) == 0
+    last = open(os.path.join(run, "last.pt"), "rb").read()
+    capsys.readouterr()
+    best = os.path.join(run, "best_on_val.pt")
+    assert "--run NEW_DIR" in _one_error_line(capsys, ppap.main(["--resume", best, "--max-steps", "6"]))
+    assert ppap.main(["--resume", best, "--max-steps", "6", "--run", fork, "--no-progress"]) == 0
+    assert open(os.path.join(run, "last.pt"), "rb").read() == last
+    assert torch.load(os.path.join(fork, "last.pt"), weights_only=True)["step"] == 6
+
+
+def test_a_failing_validation_keeps_the_trained_steps(tmp_path, capsys, monkeypatch):
+    """Validation crashes (a corrupt val image) with --val-every 0: last.pt still holds the last finished
+    step, the error is one line naming the file, and --resume validates that step before going on."""
+    from test_data import make_coco
+    data = tmp_path / "data"
+    ids = make_coco(data, n_train=4, n_val=2)
+    bad = data / "cocostuff" / "images" / "val2017" / f"{ids['val2017'][1]}.jpg"
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 3])                              # truncated JPEG
+    w = tmp_path / "w.pth"
+    torch.save(ppap.vit_small(8).state_dict(), w)
+    run = str(tmp_path / "run")
+    T = ["--data", "cocostuff", "--data-dir", str(data), "--weights", str(w), "--img-size", "32", "--val-size", "32",
+         "--batch-size", "2", "--group", "32", "--trainpatchsplit", "4", "--val-every", "0", "--num-workers", "0",
+         "--crop-workers", "1", "--no-progress"]
+    msg = _one_error_line(capsys, ppap.main(T + ["--max-steps", "2", "--run", run]))
+    assert str(bad) in msg
+    assert torch.load(os.path.join(run, "last.pt"), weights_only=True)["step"] == 2
+    bad.write_bytes(raw)                                                # repaired: resume validates step 2
+    assert ppap.main(["--resume", run, "--no-progress"]) == 0
+    assert [r["step"] for r in read_log(run)] == [2]
+
+
+def test_ctrl_c_saves_the_finished_steps_and_resume_is_exact(tmp_path, capsys, monkeypatch):
+    straight, cut = str(tmp_path / "straight dir"), str(tmp_path / "cut dir")
+    args = S + ["--val-every", "0", "--max-steps", "5"]
+    assert ppap.main(args + ["--run", straight]) == 0
+    real, calls = ppap.train_step, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:                       # Ctrl-C during the 4th step's forward pass
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(ppap, "train_step", interrupted)
+    capsys.readouterr()
+    assert ppap.main(args + ["--run", cut]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "interrupted at step 3" in err and "holds step 3" in err
+    assert f"--resume '{cut}'" in err                                   # quoted: the path has a space
+    monkeypatch.setattr(ppap, "train_step", real)
+    assert ppap.main(["--resume", cut, "--no-progress"]) == 0
+    a = torch.load(os.path.join(straight, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(cut, "last.pt"), weights_only=True)
+    assert b["step"] == 5
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert read_log(straight) == read_log(cut)
+
+
+def test_resuming_a_finished_run_does_not_repeat_its_log(tmp_path):
+    run = str(tmp_path / "r")
+    assert ppap.main(S + ["--run", run]) == 0
+    assert ppap.main(["--resume", run, "--no-progress"]) == 0
+    assert [r["step"] for r in read_log(run)] == [2, 4]
+
+
+def test_a_diverging_run_stops_with_one_line_and_no_nonfinite_checkpoint(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    msg = _one_error_line(capsys, ppap.main(S + ["--lr", "1e30", "--val-every", "1", "--max-steps", "6",
+                                                 "--run", run]))
+    assert "diverged" in msg
+    if os.path.exists(os.path.join(run, "last.pt")):
+        ck = torch.load(os.path.join(run, "last.pt"), weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+        assert f"keeps step {ck['step']}" in msg
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    import errno
+    run = str(tmp_path / "r")
+    assert ppap.main(S + ["--max-steps", "2", "--run", run]) == 0
+    before = open(os.path.join(run, "last.pt"), "rb").read()
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **kw):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    capsys.readouterr()
+    msg = _one_error_line(capsys, ppap.main(["--resume", run, "--max-steps", "4", "--no-progress"]))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert "No space left on device" in msg and "intact" in msg
+    assert open(os.path.join(run, "last.pt"), "rb").read() == before
+    assert not [f for f in os.listdir(run) if ".tmp" in f]
+
+
+def test_a_corrupt_checkpoint_on_resume_is_one_line(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert "cannot read checkpoint" in _one_error_line(capsys, ppap.main(["--resume", str(run)]))
+
+
+def test_an_unwritable_run_directory_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    msg = _one_error_line(capsys, ppap.main(S + ["--run", str(tmp_path / "file" / "run")]))
+    assert "cannot write to the run directory" in msg
+
+
+@pytest.mark.parametrize("flag,value", [("--num-workers", "-3"), ("--trainpatchsplit", "0"), ("--group", "0"),
+                                        ("--batch-size", "0"), ("--val-size", "0"), ("--seed", "-1"),
+                                        ("--lr", "nan"), ("--tau", "0"), ("--device", "mps"),
+                                        ("--device", "cuda:7"), ("--amp-dtype", "xyz"), ("--max-steps", "-1"),
+                                        ("--epochs", "0"), ("--batch-size", "two"), ("--device", "tpu")])
+def test_bad_flag_values_are_one_line(flag, value, tmp_path, capsys):
+    assert flag.lstrip("-") in _one_error_line(capsys, ppap.main(S + [flag, value, "--run", str(tmp_path / "r")]))
+    assert not os.path.exists(tmp_path / "r" / "last.pt")
+
+
+def test_dataloader_worker_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    from test_data import make_coco
+    data = tmp_path / "data"
+    ids = make_coco(data, n_train=4, n_val=2)
+    w = tmp_path / "w.pth"
+    torch.save(ppap.vit_small(8).state_dict(), w)
+    T = ["--data", "cocostuff", "--data-dir", str(data), "--weights", str(w), "--img-size", "32", "--val-size", "32",
+         "--batch-size", "2", "--group", "32", "--trainpatchsplit", "4", "--val-every", "0", "--crop-workers", "1",
+         "--no-progress", "--max-steps", "1", "--num-workers", "1"]
+    bad = data / "cocostuff" / "images" / "val2017" / f"{ids['val2017'][0]}.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    msg = _one_error_line(capsys, ppap.main(T + ["--run", str(tmp_path / "run")]))
+    assert msg == f"error: cannot read {bad}: cannot identify image file"
+
+
+def test_fresh_torch_home_gets_its_checkpoints_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    fetched = []
+
+    def download(url, path, progress=True):
+        assert os.path.isdir(os.path.dirname(path))             # the folder exists before the fetch
+        fetched.append(url)
+        torch.save(ppap.vit_small(16).state_dict(), path)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    vit = ppap.build_backbone(ppap.make_config({"data": "cocostuff", "patch": 16, "progress": False}))
+    assert fetched == [ppap.DINO_URL + ppap.DINO_FILES[("vit_small", 16)]] and vit.patch_size == 16
+
+
+def test_a_malformed_pos_embed_is_one_line(tmp_path):
+    sd = ppap.vit_tiny_demo(8).state_dict()
+    sd["pos_embed"] = torch.zeros(1, 11, 192)                     # 10 patches: not a square grid
+    torch.save(sd, tmp_path / "w.pth")
+    with pytest.raises(ppap.PPAPError, match="not a square grid"):
+        ppap.load_backbone_weights(ppap.vit_tiny_demo(8), str(tmp_path / "w.pth"))
