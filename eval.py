@@ -97,10 +97,25 @@ def load_crf(device=None):
     return dense_crf
 
 
+def crf_device(requested: str, device: torch.device) -> torch.device:
+    """--crf-device: cpu, cuda, or auto = the evaluation's device when it is a GPU the CUDA kernels can be
+    built for, else the CPU (a GPU machine without nvcc still gets the CRF, on the CPU, and is told so)."""
+    if requested != "auto":
+        return ppap.pick_device(requested)
+    if device.type == "cuda":
+        import ext
+        if ext.cuda_usable():
+            return device
+        print("note: the CUDA CRF kernels cannot be built here (no nvcc or an unsupported GPU): the CRF runs "
+              "on the CPU", file=sys.stderr)
+    return torch.device("cpu")
+
+
 def _crf_argmax(dense_crf, img_u8, logits):
-    """softmax -> dense CRF (authors' parameters) -> argmax.  logits [B,C,H,W] at image size."""
+    """softmax -> dense CRF (authors' parameters, on img_u8's device) -> argmax on logits' device.
+    logits [B,C,H,W] at image size."""
     # The authors pass log_softmax(logits) and softmax it again inside dense_crf.
-    probs = torch.softmax(torch.log_softmax(logits.float(), dim=1), dim=1)
+    probs = torch.softmax(torch.log_softmax(logits.float(), dim=1), dim=1).to(img_u8.device)
     q = dense_crf(img_u8, probs.contiguous(), iters=CRF_ITERS, pos_xy=CRF_POS_XY, pos_w=CRF_POS_W,
                   bi_xy=CRF_BI_XY, bi_rgb=CRF_BI_RGB, bi_w=CRF_BI_W)
     q = torch.as_tensor(q)
@@ -114,11 +129,11 @@ def _crf_argmax(dense_crf, img_u8, logits):
 PROBES = ("cluster", "linear", "cluster_crf", "linear_crf")
 
 
-def crf_refiner(dense_crf):
+def crf_refiner(dense_crf, device=None):
     """ppap.evaluate's refine hook: dense CRF on softmax(linear logits) and on softmax(2 * cosine scores),
-    image as BGR uint8 (the authors' batched_crf)."""
+    image as BGR uint8 (the authors' batched_crf), computed on `device` (default: the image's)."""
     def refine(img, linear_logits, inner):
-        img_u8 = image_to_uint8_bgr(img)
+        img_u8 = image_to_uint8_bgr(img).to(device or img.device)
         linear = _crf_argmax(dense_crf, img_u8, linear_logits)
         return {"cluster_crf": _crf_argmax(dense_crf, img_u8, CLUSTER_CRF_ALPHA * inner.float()),
                 "linear_crf": linear}
@@ -126,13 +141,14 @@ def crf_refiner(dense_crf):
 
 
 def evaluate_model(model, loader, device, crf=False, amp: torch.dtype | None = None, n_examples: int = 0,
-                   progress: bool = True, desc: str = "eval", dense_crf=None) -> dict:
+                   progress: bool = True, desc: str = "eval", dense_crf=None, crf_on=None) -> dict:
     """ppap.evaluate (no CRF, cluster and linear probes) plus, with crf=True, the CRF-refined predictions
     of both probes from the same pass, so "no CRF" and "CRF" scores come back together. ``amp``: autocast
-    dtype or None (fp32). See ppap.evaluate for the returned dict."""
+    dtype or None (fp32); ``crf_on``: the CRF's device (default: the evaluation's). See ppap.evaluate for
+    the returned dict."""
     if crf and dense_crf is None:
-        dense_crf = load_crf(device)
-    return ppap.evaluate(model, loader, device, amp=amp, refine=crf_refiner(dense_crf) if crf else None,
+        dense_crf = load_crf(crf_on or device)
+    return ppap.evaluate(model, loader, device, amp=amp, refine=crf_refiner(dense_crf, crf_on) if crf else None,
                          n_examples=n_examples, progress=progress, desc=desc)
 
 
@@ -708,7 +724,8 @@ def _val_loader(cfg, limit: int, batch_size: int):
 def _evaluate_cli(args) -> int:
     t0 = time.time()
     device = ppap.pick_device(args.device)
-    dense_crf = load_crf(device) if args.crf else None  # fail fast, before loading anything
+    crf_on = crf_device(args.crf_device, device) if args.crf else None
+    dense_crf = load_crf(crf_on) if args.crf else None  # fail fast, before loading anything
     if args.run:
         if not os.path.exists(args.run):
             raise EvalError(f"run not found: {args.run}")
@@ -751,13 +768,14 @@ def _evaluate_cli(args) -> int:
     model = model.to(device)
     amp = ppap.amp_dtype(cfg, device)
     res = evaluate_model(model, loader, device, crf=args.crf, amp=amp, n_examples=args.n_examples,
-                         dense_crf=dense_crf, desc=f"eval {cfg.data}")
+                         dense_crf=dense_crf, crf_on=crf_on, desc=f"eval {cfg.data}")
     meta = {
         "checkpoint": os.path.abspath(ckpt_path), "kind": kind, "selection": selection, "step": step,
         "config": dataclasses.asdict(cfg), "data": cfg.data, "limit": args.limit or None,
         "git_commit": ppap.git_commit(), "checkpoint_git": ck_git, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "amp": str(amp).removeprefix("torch.") if amp else False,
+        "crf_device": str(crf_on) if crf_on is not None else None,
         "batch_size": args.batch_size, "seconds": round(time.time() - t0, 2),
     }
     doc = write_outputs(res, names, out_dir, meta, crf=args.crf)
@@ -801,6 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=7, help="neighbours per image for --knn")
     p.add_argument("--split", default="train", choices=("train", "val"), help="split for --knn")
     p.add_argument("--crf", action="store_true", help="also report dense-CRF refined scores")
+    p.add_argument("--crf-device", default="auto", help="where the CRF runs: auto (the evaluation's GPU when "
+                   "the CUDA kernels build there, else the CPU) | cpu | cuda | cuda:N")
     p.add_argument("--out", default=None, help="output directory")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
@@ -808,7 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: min(4, cores))")
     p.add_argument("--n-examples", type=int, default=4, help="images in examples.png")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="autocast on CUDA (default: the run's setting; on for --official, as the authors)")
+                   help="autocast (default: the run's setting, i.e. on CUDA unless it said otherwise; "
+                        "on CUDA for --official, as the authors)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary pickled objects in --official checkpoints (trusted files only)")
     return p

@@ -93,17 +93,21 @@ class Config:
     batch_size: int = _f(64, "images per step")
     img_size: int = _f(224, "train crop size (px)")
     seed: int = _f(0, "seed of data order, anchors, dropout and the probes' initialisation")
-    amp: bool = _f(True, "mixed precision on CUDA (ignored on CPU)")
+    amp: bool | None = _f(None, "mixed precision: --amp on, --no-amp off; unset = on CUDA only (CPU autocast "
+                          "is slower than fp32 there)")
     amp_dtype: str = _f("fp16", "fp16 (the authors', with a GradScaler) | bf16")
     # -- evaluation protocol
     val_size: int = _f(320, "validation crop size (px)")
     val_every: int = _f(100, "steps between validations (0 = only at the end)")
     val_limit: int = _f(0, "validate on at most this many images (0 = all)")
+    val_subset: int = _f(300, "images of the periodic validations: a fixed, evenly spaced subset of val (the "
+                         "full set at the end; 0 = the full set every time; --select-on-val: always the full set)")
     select_on_val: bool = _f(False, "also keep best_on_val.pt, chosen on the labelled val set (the authors' "
                              "practice; off by default)")
     # -- machinery: where and how the run executes, never what it computes
     device: str = _f("auto", "auto | cpu | cuda | cuda:1")
-    num_workers: int = _f(4, "DataLoader worker processes")
+    num_workers: int = _f(-1, "DataLoader worker processes (-1 = from the machine's cores, at most "
+                          "MAX_LOADER_WORKERS; 0 = in the main process)")
     crop_workers: int = _f(0, "processes building the five-crop cache (0 = all cores)")
     run: str = _f("", "run directory; empty = runs/<data>_<arch><patch>_<time>")
     resume: str = _f("", "a run directory (or its last.pt) to continue exactly")
@@ -168,7 +172,9 @@ def check_config(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise PPAPError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}")
-    for name in ("max_steps", "seed", "num_workers", "crop_workers", "val_every", "val_limit"):
+    if cfg.num_workers < -1:
+        raise PPAPError(f"--num-workers must be -1 (automatic), 0 or more, not {cfg.num_workers}")
+    for name in ("max_steps", "seed", "crop_workers", "val_every", "val_limit", "val_subset"):
         if getattr(cfg, name) < 0:
             raise PPAPError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(cfg, name)}")
     for name in ("phi0", "psi0", "sigma_pos", "sigma_amb", "tau", "ppap_weight", "lr", "weight_decay",
@@ -477,26 +483,56 @@ def propagate(f: torch.Tensor, anchor_rows: torch.Tensor, *, phi0, psi0, prop_it
     return pos, neg & ~self_mask, pos.sum(1), neg.sum(1)
 
 
+class _AnchorLogProb(torch.autograd.Function):
+    """mean over P of log p_aj for a block of anchors, -> [a]. Autograd would keep the [a,N] logits (and a
+    masked copy) of every block for the backward pass; this keeps one byte per entry (the positive /
+    negative / ambiguous code) and recomputes the logits with one more matrix product."""
+
+    @staticmethod
+    def forward(ctx, z, rows, code, tau):
+        """z [N,D], rows [a] anchor rows, code [a,N] uint8 (2 positive, 1 negative, 0 ambiguous or self)."""
+        logits = (z[rows] @ z.T) / tau
+        pos, denom = code == 2, code > 0
+        log_denom = torch.logsumexp(logits.masked_fill(~denom, float("-inf")), dim=1)
+        n_pos = pos.sum(1)
+        ctx.save_for_backward(z, rows, code, log_denom, n_pos)
+        ctx.tau = tau
+        return (logits * pos).sum(1) / n_pos - log_denom
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, rows, code, log_denom, n_pos = ctx.saved_tensors
+        za = z[rows]
+        p = torch.exp((za @ z.T) / ctx.tau - log_denom[:, None]).masked_fill_(code == 0, 0)
+        g = grad[:, None] * ((code == 2) / n_pos[:, None] - p) / ctx.tau     # d out / d(za @ z.T)
+        dz = g.T @ za
+        dz.index_add_(0, rows, g @ z)
+        return dz, None, None, None
+
+
 def ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau, group=784,
-              no_ambiguity=False, chunk_elems=None):
+              no_ambiguity=False, chunk_elems=None, groups=None, n_groups_total=None):
     """The PPAP contrastive loss.
 
     z [N,D] unit rows (with gradient), f [N,D] criterion features (normalised here, no gradient),
-    anchors [N // group, A] LongTensor of within-group positions. Every row of z/f is a contrast sample;
-    only rows in full groups are anchors (the authors' int(N / 784) groups). An anchor's loss is
-    -(tau / TAU_BASE) * mean over its positives of log p, with the ambiguous samples left out of p's
-    denominator; anchors without positives are skipped; group loss = mean over anchors, total = mean over
-    groups. Anchors of several groups are processed together in chunks of about chunk_elems similarity
-    entries (default 2^20 on CPU, where caches favour small blocks, and 2^26 on GPUs, where large products
-    pay), so memory is O(chunk) whatever the batch.
+    anchors [G, A] LongTensor of within-group positions for the groups `groups` [G] (default: all int(N /
+    group) full groups, the authors' groups of 784 rows). Every row of z/f is a contrast sample; only rows
+    in full groups are anchors. An anchor's loss is -(tau / TAU_BASE) * mean over its positives of log p,
+    with the ambiguous samples left out of p's denominator; anchors without positives are skipped; group
+    loss = mean over its anchors; the total = sum over the groups given / n_groups_total (default G, i.e. the
+    mean; a process of a distributed job passes its own groups and the job's total). Anchors of several
+    groups are processed together in chunks of about chunk_elems similarity entries (default 2^20 on CPU,
+    where caches favour small blocks, and 2^26 on GPUs, where large products pay), so memory is O(chunk)
+    plus one byte per anchor and sample for the backward pass, whatever the batch.
     Returns (loss scalar, {'positives', 'negatives'}: mean per anchor).
     """
     N = z.shape[0]
     n_groups, A = anchors.shape
-    assert n_groups == N // group and n_groups > 0, "anchors must have one row per full group"
+    groups = torch.arange(n_groups) if groups is None else torch.as_tensor(groups)
+    assert len(groups) == n_groups > 0 and int(groups.max()) < N // group, "anchors must lie in full groups"
     f = F.normalize(f.detach().float(), dim=-1)
     z = z.float()
-    rows = (anchors.to(z.device) + torch.arange(n_groups, device=z.device)[:, None] * group).reshape(-1)
+    rows = (anchors.to(z.device) + groups.to(z.device)[:, None] * group).reshape(-1)
     per_chunk = max(1, (chunk_elems or (2 ** 26 if z.is_cuda else 2 ** 20)) // N)
     anchor_loss = torch.zeros(len(rows), device=z.device)
     has_pos = torch.zeros(len(rows), dtype=torch.bool, device=z.device)
@@ -511,17 +547,16 @@ def ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau
             valid = pos.any(1)                                  # anchors without positives are skipped
         if not valid.any():
             continue
-        pos, denom = pos[valid], (pos | neg)[valid]             # ambiguous samples leave the denominator
-        logits = (z[r[valid]] @ z.T) / tau                      # [a,N]
-        log_denom = torch.logsumexp(logits.masked_fill(~denom, float("-inf")), dim=1)
-        mean_log_prob = (logits * pos).sum(1) / pos.sum(1) - log_denom
+        # ambiguous samples (neither positive nor negative) leave the denominator
+        code = torch.where(pos, 2, neg.to(torch.uint8))[valid]   # positive wins where Phi fell below Psi
+        mean_log_prob = _AnchorLogProb.apply(z, r[valid], code, tau)
         idx = torch.arange(s, s + len(r), device=z.device)[valid]
         anchor_loss = anchor_loss.index_put((idx,), -(tau / TAU_BASE) * mean_log_prob)
         has_pos[idx] = True
     per_group = anchor_loss.view(n_groups, A).sum(1) / has_pos.view(n_groups, A).sum(1).clamp(min=1)
     stats = {"positives": n_pos.view(n_groups, A).mean(1).mean().item(),
              "negatives": n_neg.view(n_groups, A).mean(1).mean().item()}
-    loss = per_group.mean()
+    loss = per_group.sum() / (n_groups_total or n_groups)
     if z.requires_grad and not loss.requires_grad:     # no anchor had a positive: a zero that still backprops
         loss = loss + 0 * z.sum()
     return loss, stats
@@ -569,8 +604,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def amp_dtype(cfg: Config, device) -> torch.dtype | None:
-    """The precision policy, decided here only: the autocast dtype for cfg on device, or None for fp32."""
-    if not cfg.amp or torch.device(device).type != "cuda":
+    """The precision policy, decided here only: the autocast dtype for cfg on device, or None for fp32.
+    Unset --amp means on for CUDA (the authors train and evaluate under autocast) and off on the CPU."""
+    on = cfg.amp if cfg.amp is not None else torch.device(device).type == "cuda"
+    if not on:
         return None
     return torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
 
@@ -629,8 +666,9 @@ def _has_grad(opt) -> bool:
 def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch.Generator | None = None) -> dict:
     """One step: forward, contrastive loss + probe losses, backward, clip, the three optimisers.
     `generator` draws the step's randomness (criterion dropout, anchors). -> stats: the losses, the gradient
-    norm, whatever statistics the contrastive loss reports, and 'skipped' (1 when the step's gradients were
-    not finite and no optimiser stepped: fp16 loss scaling halves its scale, other precisions skip)."""
+    norm, whatever statistics the contrastive loss reports, and 'skipped' (1 when some gradients were not
+    finite: the optimisers holding them did not step, as GradScaler does per optimiser, and fp16 loss scaling
+    halved its scale)."""
     img = batch["img"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
     for o in opts.values():
@@ -664,12 +702,13 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch
                 scaler.step(o)                   # skips the step itself when the gradients hold inf/NaN
             scaler.update()
             skipped = scaler.get_scale() < scale
-        else:
-            grads = [p.grad for o in stepping for g in o.param_groups for p in g["params"] if p.grad is not None]
-            skipped = not math.isfinite(gnorm) or bool(torch.stack([(~torch.isfinite(g)).any() for g in grads]).any())
-            if not skipped:
-                for o in stepping:
+        else:                                    # the same rule without a scaler: skip what is not finite
+            finite = [bool(torch.stack([torch.isfinite(p.grad).all() for g in o.param_groups for p in g["params"]
+                                        if p.grad is not None]).all()) for o in stepping]
+            for o, ok in zip(stepping, finite):
+                if ok:
                     o.step()
+            skipped = not all(finite)
     return {"loss": loss.item(), "linear": linear.item(), "cluster": cluster.item(), "grad_norm": gnorm,
             **stats, "skipped": int(skipped)}
 
@@ -934,7 +973,13 @@ def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    val_loader = make_loader(cfg, val_set, train=False, batch_size=max(1, min(cfg.batch_size, 8)))
+    val_bs = max(1, min(cfg.batch_size, 8))
+    periodic_set = val_set
+    if cfg.val_subset and cfg.val_subset < len(val_set) and not cfg.select_on_val:
+        periodic_set = subset(val_set, np.linspace(0, len(val_set) - 1, cfg.val_subset).round().astype(int))
+    full_loader = make_loader(cfg, val_set, train=False, batch_size=val_bs, persistent=periodic_set is val_set)
+    periodic_loader = full_loader if periodic_set is val_set else \
+        make_loader(cfg, periodic_set, train=False, batch_size=val_bs, persistent=True)
     log = RunLog(os.path.join(cfg.run, "log.jsonl"), after=step if ckpt is not None else 0)
     saved = step if ckpt is not None else None            # the step last.pt holds
     step_rng = step_gen.get_state()                        # the generator as the next step starts
@@ -950,13 +995,18 @@ def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
             saved = step
 
     def run_validation():
+        """The full val set at the end (and under --select-on-val, the authors' schedule); the fixed subset
+        in between, which only draws the curve."""
         nonlocal best
-        metrics = evaluate(model, val_loader, device, amp=amp_dtype(cfg, device), progress=cfg.progress)
+        loader = full_loader if step == total else periodic_loader
+        metrics = evaluate(model, loader, device, amp=amp_dtype(cfg, device), progress=cfg.progress)
         record = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, float)},
-                  "skipped_steps": n_skipped}
+                  "val_images": metrics["n_images"], "skipped_steps": n_skipped}
+        if scaler.is_enabled():
+            record["loss_scale"] = scaler.get_scale()
         log.append(record)
-        print(f"[val step {step}] " + "  ".join(f"{k} {v:.2f}" for k, v in record.items()
-                                                 if k.endswith(("_mIoU", "_Acc"))), flush=True)
+        print(f"[val step {step}, {metrics['n_images']} images] " + "  ".join(
+            f"{k} {v:.2f}" for k, v in record.items() if k.endswith(("_mIoU", "_Acc"))), flush=True)
         if cfg.select_on_val:
             score = sum(record.get(k, 0) for k in ("cluster_mIoU", "cluster_Acc", "linear_mIoU", "linear_Acc"))
             if best is None or score >= best["score"]:
@@ -1661,9 +1711,21 @@ def subset(dataset, indices):
 SEED_STRIDE = 100003      # a prime: the data-order seeds seed*SEED_STRIDE + epoch never collide in practice
 
 
-def make_loader(cfg: Config, dataset, train: bool, epoch: int = 0, skip: int = 0, batch_size: int | None = None):
+MAX_LOADER_WORKERS = 10    # ~1000 decoded 224-px crops/s on a GPU box; more only adds start-up time and memory
+
+
+def loader_workers(cfg: Config) -> int:
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(MAX_LOADER_WORKERS, cores - 1))
+
+
+def make_loader(cfg: Config, dataset, train: bool, epoch: int = 0, skip: int = 0, batch_size: int | None = None,
+                persistent: bool = False):
     """The DataLoader of every split. Training order is a permutation seeded by (seed, epoch) from a private
-    generator; `skip` drops the batches a resumed run has already seen. Evaluation is in file order."""
+    generator; `skip` drops the batches a resumed run has already seen. Evaluation is in file order.
+    Pinned memory on CUDA; `persistent` keeps the workers between passes (the periodic validation)."""
     bs = batch_size or cfg.batch_size
     # A private generator: iterating a DataLoader must not draw from the global RNG that anchors and
     # dropout use, or a resumed run would diverge from an uninterrupted one.
@@ -1672,8 +1734,11 @@ def make_loader(cfg: Config, dataset, train: bool, epoch: int = 0, skip: int = 0
         sampler = torch.randperm(len(dataset), generator=g)[skip * bs:(len(dataset) // bs) * bs].tolist()
     else:
         sampler = range(len(dataset))
-    return torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=cfg.num_workers,
-                                       drop_last=train, pin_memory=torch.cuda.is_available(), generator=g)
+    workers = loader_workers(cfg)
+    return torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=workers,
+                                       drop_last=train, pin_memory=pick_device(cfg.device).type == "cuda",
+                                       generator=g, persistent_workers=persistent and workers > 0,
+                                       prefetch_factor=4 if workers else None)
 
 
 # ==== SUPPORT: checkpoints and files ====
@@ -1855,7 +1920,7 @@ def build_parser(shown: Config) -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         value = getattr(shown, f.name)
         help = f"{f.metadata['help']}\n  [{shown.data} preset: {value!r}]"
-        if isinstance(f.default, bool):
+        if f.type.startswith("bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
             p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=help)

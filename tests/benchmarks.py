@@ -178,8 +178,8 @@ def loss_fn(which: str, chunk_elems: int | None = None):
         if chunk_elems:
             return lambda *a, **kw: ppap.ppap_loss(*a, chunk_elems=chunk_elems, **kw)
         return ppap.ppap_loss
-    from reference_loss import reference_ppap_loss
-    return reference_ppap_loss
+    from reference_loss import autograd_ppap_loss, reference_ppap_loss
+    return autograd_ppap_loss if which == "autograd" else reference_ppap_loss
 
 
 def case_loss(spec: dict) -> dict:
@@ -370,6 +370,75 @@ def bench_loss(args, results: dict) -> None:
                            grad_rel_diff=grad_rel, cpu_target_met=bool(met) if args.device == "cpu" else None)
 
 
+def bench_mem64(args, results: dict) -> None:
+    """The loss at the COCO ViT-S/8 batch (B=64, N=50,176): ours (custom backward keeping one byte per
+    anchor and sample) vs the same chunked loss with plain autograd (keeps every chunk's logits)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        common = dict(kind="loss", device=args.device, batch=args.mem_batch, warmup=1, repeats=1,
+                      threads=args.threads)
+        ours = run_case({**common, "which": "ours", "save": f"{tmp}/ours.pt"})
+        before = run_case({**common, "which": "autograd", "save": f"{tmp}/before.pt"})
+        a, b = torch.load(f"{tmp}/ours.pt"), torch.load(f"{tmp}/before.pt")
+    grad_rel = ((a["grad"] - b["grad"]).abs().max() / b["grad"].abs().max()).item()
+    head, before_cells, ours_cells, mems = memory_columns(ours, before)
+    print(f"\nmem64 loss at B={args.mem_batch} -> N={ours['rows']} rows, D=384, {ANCHORS} anchors/group, T=2, "
+          f"{args.device}, forward+backward")
+    print(memory_note(ours))
+    print(f"  {'':34s} {'time':>10s} {head}")
+    print(f"  {'before (plain autograd, logits kept)':34s} {before['median_s'] * 1e3:8.1f}ms {before_cells}")
+    print(f"  {'ours (masks kept, logits recomputed)':34s} {ours['median_s'] * 1e3:8.1f}ms {ours_cells}")
+    print(f"  peak memory /" + " (RSS), /".join(f"{m:.2f}" for m in mems) + (" (tensors)" if len(mems) > 1 else "")
+          + f"; time x{before['median_s'] / ours['median_s']:.2f}; loss {a['loss']:.6f} vs {b['loss']:.6f}, "
+          f"max |grad diff| / max |grad| = {grad_rel:.1e}")
+    results["mem64"] = dict(batch=args.mem_batch, ours=ours, before=before, memory_ratio=mems[0],
+                            tensor_memory_ratio=mems[1] if len(mems) > 1 else None, grad_rel_diff=grad_rel)
+
+
+def make_crop_tree(root: Path, n_sources: int) -> list:
+    """A five-crop training tree as ppap.py builds it, from n_sources generated 640x480 photos-like images
+    (JPEG with Pillow's defaults, labels as label+1 PNGs) -> the crop pairs."""
+    import numpy as np
+    from PIL import Image
+    pairs = []
+    for i in range(n_sources):
+        img, lab = ppap.synthetic_sample(i, 480, "train")
+        img = np.concatenate([img, img[:, :160]], axis=1)[:, :640]          # 640x480, COCO's usual size
+        lab = np.concatenate([lab, lab[:, :160]], axis=1)[:, :640]
+        rgb = Image.fromarray((img * 255).astype(np.uint8))
+        stored = Image.fromarray((lab + 1).astype(np.uint8))
+        for k, box in enumerate(ppap.five_crop_boxes(640, 480)):
+            j = 5 * i + k
+            ip, lp = root / f"{j}.jpg", root / f"{j}.png"
+            rgb.crop(box).save(ip, format="JPEG")
+            stored.crop(box).save(lp, format="PNG")
+            pairs.append((str(ip), str(lp)))
+    return pairs
+
+
+def bench_loader(args, results: dict) -> None:
+    """Training images per second the data pipeline delivers at the COCO preset (five-crop JPEGs -> 224 px
+    tensors, batch 64) with ppap.make_loader's defaults, against what a 20-minute COCO run needs."""
+    cfg = ppap.make_config({"data": "cocostuff", "num_workers": args.loader_workers, "progress": False})
+    workers = ppap.loader_workers(cfg)
+    need = 5 * 5 * 49_629 / 1200                       # 5 epochs of the five-crop set (~248k crops) in 20 min
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = make_crop_tree(Path(tmp), args.loader_sources)
+        ds = ppap.RealSegDataset("cocostuff", "five_crop", pairs, cfg.img_size, 27, ppap.COCOSTUFF27_CLASS_NAMES)
+        loader = ppap.make_loader(cfg, ds, train=True)
+        n, t0, first = 0, time.perf_counter(), None
+        for batch in loader:
+            n += batch["img"].shape[0]
+            if first is None:
+                first, t1 = time.perf_counter() - t0, time.perf_counter()
+        rate = (n - cfg.batch_size) / max(time.perf_counter() - t1, 1e-9) if n > cfg.batch_size else float("nan")
+    print(f"\nloader five-crop JPEGs ({len(pairs)} crops of 320x240) -> {cfg.img_size} px, batch {cfg.batch_size}, "
+          f"{workers} workers (of {os.cpu_count()} CPUs), pinned={torch.cuda.is_available()}")
+    print(f"  {rate:8.0f} images/s after the first batch ({first:.2f} s to start); a 20-minute COCO run needs "
+          f"~{need:.0f} images/s -> x{rate / need:.2f} of that on this machine")
+    results["loader"] = dict(images_per_s=rate, first_batch_s=first, workers=workers, crops=len(pairs),
+                             needed_images_per_s=need, ratio_to_needed=rate / need)
+
+
 def bench_step(args, results: dict) -> None:
     common = dict(kind="step", device=args.device, batch=args.batch, warmup=args.warmup,
                   repeats=args.step_repeats, amp_dtype=args.amp_dtype, threads=args.threads)
@@ -411,7 +480,7 @@ def environment(device: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    p.add_argument("--only", default="loss,step", help="comma list of: loss, step")
+    p.add_argument("--only", default="loss,step", help="comma list of: loss, step, mem64, loader")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
     p.add_argument("--loss-batch", type=int, default=8, help="images for the loss benchmark (N = 784 B)")
     p.add_argument("--batch", type=int, help="images per training step (default 4 on CPU, 64 on CUDA)")
@@ -422,6 +491,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads in every case (default: torch's)")
     p.add_argument("--chunk-elems", type=int, help="pass chunk_elems to ppap_loss (default: its own default)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of ours' loss")
+    p.add_argument("--mem-batch", type=int, default=64, help="images for the mem64 loss benchmark")
+    p.add_argument("--loader-sources", type=int, default=200, help="source images for the loader benchmark "
+                   "(x5 crops)")
+    p.add_argument("--loader-workers", type=int, default=-1, help="DataLoader workers (-1: ppap's default)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -442,7 +515,7 @@ def main(argv=None) -> int:
     args.step_repeats = args.step_repeats or (6 if cuda else 2)
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     parts = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(parts) - {"loss", "step"}
+    unknown = set(parts) - {"loss", "step", "mem64", "loader"}
     if unknown:
         p.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     if "step" in parts and args.batch * (224 // 8) ** 2 < GROUP:
@@ -453,7 +526,7 @@ def main(argv=None) -> int:
     print(f"PPAP benchmarks | git {e['git']} | torch {e['torch']} (CUDA {e['cuda']}) | {e['device_name']} | "
           f"{e['threads']} threads, {e['cpu_count']} CPUs | load {os.getloadavg()[0]:.2f}")
     failed = []
-    for part, fn in (("loss", bench_loss), ("step", bench_step)):
+    for part, fn in (("loss", bench_loss), ("step", bench_step), ("mem64", bench_mem64), ("loader", bench_loader)):
         if part in parts:
             try:
                 fn(args, results)

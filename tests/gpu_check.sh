@@ -15,6 +15,8 @@
 #   bench      tests/benchmarks.py --device cuda: loss and training step at B=64, profile of ours' loss
 #   bench_b8   tests/benchmarks.py --device cuda --only loss --loss-batch 8 (the CPU benchmark's shape)
 #   bench_bf16 tests/benchmarks.py --device cuda --only step --amp-dtype bf16 (B=64)
+#   mem64      tests/benchmarks.py --device cuda --only mem64 (the loss at B=64: custom backward vs autograd)
+#   loader     tests/benchmarks.py --only loader (five-crop JPEGs -> images/s with the default workers)
 # GPU_CHECK_PARTS=bench,bench_b8 runs only those parts (env always runs).
 # A failing part does not stop the others; each part's exit code goes into the report:
 #   $OUT/gpu_report.txt   everything printed
@@ -32,7 +34,7 @@ PARTS="$OUT/parts.tsv"
 : > "$PARTS"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
-WANTED=${GPU_CHECK_PARTS:-build,tests,bench_ext,bench,bench_b8,bench_bf16}
+WANTED=${GPU_CHECK_PARTS:-build,tests,bench_ext,bench,mem64,loader,bench_b8,bench_bf16}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 
@@ -74,6 +76,8 @@ setup_env() {
     fi
     PY=$REPO/.venv/bin/python
     py_ok "$PY" && return 0
+    # a GPU image usually has its own python3 with torch (and no network): use it when it has what we need
+    if py_ok python3; then PY=$(command -v python3); return 0; fi
     echo "$PY is missing or incomplete: creating/filling .venv (pip ${PIP_ARGS:-})"
     local clear=""
     "$PY" -c pass >/dev/null 2>&1 || clear="--clear"
@@ -88,7 +92,12 @@ setup_env() {
 t0=$(date +%s)
 setup_env 2>&1 | tee -a "$REPORT" "$OUT/env.log"
 rc=${PIPESTATUS[0]}
-PY=${PYTHON:-$REPO/.venv/bin/python}
+if [[ -z "${PYTHON:-}" ]]; then
+    PY=$REPO/.venv/bin/python
+    py_ok "$PY" || PY=$(command -v python3)
+else
+    PY=$PYTHON
+fi
 printf '%s\t%s\t%s\t%s\n' "env" "$rc" "$(( $(date +%s) - t0 ))" "-" >> "$PARTS"
 export PATH="$(dirname "$PY"):$PATH"       # ninja from the venv
 "$PY" - <<'EOF' 2>&1 | tee -a "$REPORT"
@@ -119,6 +128,8 @@ run_part tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests -k "cuda or 
 run_part bench_ext 120 "$PY" tests/bench_ext.py --json "$OUT/bench_ext.json"
 run_part bench 180 "$PY" tests/benchmarks.py --device cuda --loss-batch 64 --batch 64 --profile \
     --json "$OUT/bench.json"
+run_part mem64 90 "$PY" tests/benchmarks.py --device cuda --only mem64 --json "$OUT/mem64.json"
+run_part loader 90 "$PY" tests/benchmarks.py --only loader --loader-sources 400 --json "$OUT/loader.json"
 run_part bench_b8 60 "$PY" tests/benchmarks.py --device cuda --only loss --loss-batch 8 --json "$OUT/bench_b8.json"
 run_part bench_bf16 90 "$PY" tests/benchmarks.py --device cuda --only step --batch 64 --amp-dtype bf16 \
     --step-repeats 5 --json "$OUT/bench_bf16.json"
@@ -150,7 +161,7 @@ for line in open(os.path.join(out, "parts.tsv")):
     name, rc, secs, limit = line.rstrip("\n").split("\t")
     report["parts"][name] = {"rc": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(secs),
                              "limit_s": limit, "log": f"{name}.log"}
-for key in ("bench", "bench_b8", "bench_bf16", "bench_ext"):
+for key in ("bench", "mem64", "loader", "bench_b8", "bench_bf16", "bench_ext"):
     path = os.path.join(out, key + ".json")
     if os.path.exists(path):
         try:

@@ -717,3 +717,17 @@ def test_the_demo_classes_are_drawn_in_their_own_colours():
         else:
             assert max(r, g, b) - min(r, g, b) < 10
     assert np.array_equal(ev.class_palette(["a", "b"]), ev.palette(2))
+
+
+def test_crf_device_auto_falls_back_to_the_cpu_where_cuda_kernels_cannot_build(monkeypatch, capsys):
+    import ext
+    monkeypatch.setattr(ext, "cuda_usable", lambda: False)
+    assert ev.crf_device("auto", torch.device("cuda")) == torch.device("cpu")
+    assert "runs on the CPU" in capsys.readouterr().err
+    monkeypatch.setattr(ext, "cuda_usable", lambda: True)
+    assert ev.crf_device("auto", torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert ev.crf_device("auto", torch.device("cpu")) == torch.device("cpu")
+    assert ev.crf_device("cpu", torch.device("cpu")) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ppap.PPAPError):
+            ev.crf_device("cuda", torch.device("cpu"))              # no GPU here: one line, not a crash

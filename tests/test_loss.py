@@ -161,3 +161,43 @@ def test_draw_anchors_one_randperm_per_group():
     assert all(len(set(row.tolist())) == 49 for row in a)
     g = torch.Generator().manual_seed(0)
     assert torch.equal(a[1], (torch.randperm(784, generator=g), torch.randperm(784, generator=g))[1][:49])
+
+
+def test_custom_backward_equals_plain_autograd():
+    """The loss keeps one byte per anchor and sample for its backward pass; its gradient equals the plain
+    autograd computation (which keeps the logits) to 1e-6, also when the boundaries cross (Phi < Psi)."""
+    from reference_loss import autograd_ppap_loss
+    N = 784 * 3
+    f = clustered(N, 24)
+    z = F.normalize(torch.randn(N, 24, generator=torch.Generator().manual_seed(5)), dim=1).requires_grad_()
+    anchors = ppap.draw_anchors(N, 784, 49, torch.Generator().manual_seed(6))
+    for hp in (dict(COCO, prop_iter=2), dict(phi0=0.5, psi0=0.45, prop_iter=3, sigma_pos=0.3, sigma_amb=0.3, tau=0.1)):
+        ours, _ = ppap.ppap_loss(z, f, anchors, chunk_elems=40 * N, **hp)
+        ref, _ = autograd_ppap_loss(z, f, anchors, chunk_elems=40 * N, **hp)
+        g1, = torch.autograd.grad(ours, z)
+        g2, = torch.autograd.grad(ref, z)
+        assert ours.item() == ref.item()
+        assert (g1 - g2).abs().max() <= 1e-6 * g2.abs().max()
+    # the crossing case really crosses: some sample is both above Phi and below Psi
+    pos, neg, _, _ = ppap.propagate(F.normalize(f, dim=1), anchors[0], phi0=0.5, psi0=0.45, prop_iter=3,
+                                    sigma_pos=0.3, sigma_amb=0.3)
+    assert (pos & neg).any()
+
+
+def test_groups_split_across_processes_sum_to_the_whole():
+    """A distributed job gives each process some groups and the job's group count: the parts add up to
+    the single-process loss and gradient."""
+    N = 784 * 4
+    f = clustered(N, 16)
+    z = F.normalize(torch.randn(N, 16, generator=torch.Generator().manual_seed(7)), dim=1).requires_grad_()
+    anchors = ppap.draw_anchors(N, 784, 49, torch.Generator().manual_seed(8))
+    hp = dict(COCO, prop_iter=2)
+    whole, s = ppap.ppap_loss(z, f, anchors, **hp)
+    g, = torch.autograd.grad(whole, z)
+    parts = [ppap.ppap_loss(z, f, anchors[k:k + 2], groups=torch.arange(k, k + 2), n_groups_total=4, **hp)
+             for k in (0, 2)]
+    total = parts[0][0] + parts[1][0]
+    g2, = torch.autograd.grad(total, z)
+    assert total.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert (g - g2).abs().max() <= 1e-6 * g.abs().max()
+    assert (parts[0][1]["positives"] + parts[1][1]["positives"]) / 2 == pytest.approx(s["positives"])

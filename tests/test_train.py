@@ -1,4 +1,5 @@
 """Training loop and CLI: short synthetic runs, exact resume, checkpoints, one-line errors."""
+import copy
 import json
 import math
 import os
@@ -461,3 +462,113 @@ def test_a_malformed_pos_embed_is_one_line(tmp_path):
     torch.save(sd, tmp_path / "w.pth")
     with pytest.raises(ppap.PPAPError, match="not a square grid"):
         ppap.load_backbone_weights(ppap.vit_tiny_demo(8), str(tmp_path / "w.pth"))
+
+
+# ---------------------------------------------------------------- mixed precision: the path CUDA runs, on the CPU
+
+def _step_setup(amp_dtype="fp16", **over):
+    cfg = ppap.make_config({"data": "synthetic", "batch_size": 4, "img_size": 56, "group": 196,
+                            "trainpatchsplit": 4, "amp": True, "amp_dtype": amp_dtype, "device": "cpu",
+                            "progress": False, **over})
+    torch.manual_seed(0)
+    model = ppap.build_model(cfg, 6).train()
+    batch = ppap.SyntheticDataset("train", 56)
+    batch = {"img": torch.stack([batch[i]["img"] for i in range(4)]),
+             "label": torch.stack([batch[i]["label"] for i in range(4)])}
+    return cfg, model, batch
+
+
+def test_the_scaler_unscales_before_clipping():
+    """fp16 autocast with loss scaling (scale 1024) and without it take the same clipped step: the clip
+    sees the true gradients, not 1024x larger ones."""
+    cfg, model, batch = _step_setup(grad_clip=0.05)
+    twin = copy.deepcopy(model)
+    scaled = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    plain = torch.amp.GradScaler("cpu", enabled=False)
+    st1 = ppap.train_step(model, batch, ppap.build_optimizers(cfg, model), scaled, cfg, torch.device("cpu"),
+                          torch.Generator().manual_seed(1))
+    st2 = ppap.train_step(twin, batch, ppap.build_optimizers(cfg, twin), plain, cfg, torch.device("cpu"),
+                          torch.Generator().manual_seed(1))
+    assert st1["grad_norm"] > 0.05                                    # the clip is active
+    assert st1["grad_norm"] == pytest.approx(st2["grad_norm"], rel=1e-3)
+    # the gradients the optimiser used: unscaled, then clipped to norm 0.05, in both
+    g1 = torch.cat([p.grad.flatten() for p in model.head_parameters()])
+    g2 = torch.cat([p.grad.flatten() for p in twin.head_parameters()])
+    assert g1.norm().item() == pytest.approx(0.05, rel=1e-3) and g2.norm().item() == pytest.approx(0.05, rel=1e-3)
+    assert (g1 - g2).norm() <= 1e-2 * g2.norm()
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
+def test_a_step_with_non_finite_gradients_is_skipped(amp_dtype, monkeypatch):
+    cfg, model, batch = _step_setup(amp_dtype)
+    real = ppap.contrastive_loss
+    monkeypatch.setattr(ppap, "contrastive_loss", lambda cfg, z, crit, gen=None: real(cfg, _InfGrad.apply(z), crit, gen))
+    before = copy.deepcopy(model.state_dict())
+    scaler = ppap.make_scaler(cfg, "cpu")
+    assert scaler.is_enabled() == (amp_dtype == "fp16")
+    st = ppap.train_step(model, batch, ppap.build_optimizers(cfg, model), scaler, cfg, torch.device("cpu"))
+    assert st["skipped"] == 1 and math.isfinite(st["loss"])
+    for k, v in model.state_dict().items():                            # head and projection did not step
+        if k.startswith(("head.", "proj.")):
+            assert torch.equal(v, before[k]), k
+    assert not torch.equal(model.cluster_probe.clusters, before["cluster_probe.clusters"])   # finite: stepped
+    if amp_dtype == "fp16":
+        assert scaler.get_scale() == ppap.GRAD_SCALER_INIT / 2       # the scale halves
+
+
+def test_fp16_and_bf16_runs_on_cpu_checkpoint_and_resume_exactly(tmp_path):
+    runs = {}
+    for dt in ("fp16", "bf16", "fp32"):
+        runs[dt] = str(tmp_path / dt)
+        amp = ["--no-amp"] if dt == "fp32" else ["--amp", "--amp-dtype", dt]
+        assert ppap.main(TINY + amp + ["--device", "cpu", "--max-steps", "4", "--run", runs[dt]]) == 0
+    ck = torch.load(os.path.join(runs["fp16"], "last.pt"), weights_only=True)
+    assert ck["scaler"]["scale"] > 0 and ck["config"]["amp"] is True
+    assert torch.load(os.path.join(runs["bf16"], "last.pt"), weights_only=True)["scaler"] == {}
+    fp32 = read_log(runs["fp32"])[-1]
+    for dt in ("fp16", "bf16"):
+        low = read_log(runs[dt])[-1]
+        for k in ("cluster_mIoU", "linear_mIoU"):
+            assert abs(low[k] - fp32[k]) < 5, (dt, k, low[k], fp32[k])
+    # fp16: the scaler state resumes exactly
+    split = str(tmp_path / "split")
+    assert ppap.main(TINY + ["--amp", "--amp-dtype", "fp16", "--device", "cpu", "--max-steps", "2", "--run", split]) == 0
+    assert ppap.main(["--resume", split, "--max-steps", "4", "--no-progress"]) == 0
+    a = torch.load(os.path.join(split, "last.pt"), weights_only=True)
+    assert a["scaler"] == ck["scaler"]
+    for k, v in ck["model"].items():
+        assert torch.equal(v, a["model"][k]), k
+
+
+def test_the_no_ppap_baseline_trains_under_fp16_loss_scaling(tmp_path):
+    """With --ppap-weight 0 the head gets no gradient; stepping its optimiser through the GradScaler raised
+    'No inf checks were recorded for this optimizer' on the first fp16 step."""
+    run = str(tmp_path / "r")
+    assert ppap.main(TINY + ["--ppap-weight", "0", "--amp", "--amp-dtype", "fp16", "--device", "cpu",
+                             "--max-steps", "2", "--run", run]) == 0
+
+
+def test_periodic_validation_uses_a_fixed_subset_and_the_end_the_full_set(tmp_path):
+    run = str(tmp_path / "r")
+    assert ppap.main(S + ["--val-limit", "0", "--val-subset", "10", "--run", run]) == 0
+    assert [(r["step"], r["val_images"]) for r in read_log(run)] == [(2, 10), (4, 64)]
+    run = str(tmp_path / "authors")
+    assert ppap.main(S + ["--val-limit", "0", "--val-subset", "10", "--select-on-val", "--run", run]) == 0
+    assert [r["val_images"] for r in read_log(run)] == [64, 64]
+
+
+def test_loader_workers_follow_the_machine():
+    cfg = ppap.make_config({"data": "cocostuff"})
+    cores = len(os.sched_getaffinity(0))
+    assert cfg.num_workers == -1 and ppap.loader_workers(cfg) == max(0, min(ppap.MAX_LOADER_WORKERS, cores - 1))
+    assert ppap.loader_workers(ppap.make_config({"data": "cocostuff", "num_workers": 3})) == 3
