@@ -671,7 +671,8 @@ def knn_table(cfg, split: str = "train", k: int = 7, device=None) -> str:
     with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         for batch in tqdm(ppap.make_loader(cfg, dataset, train=False), desc=f"kNN features ({split})",
                           dynamic_ncols=True, disable=not cfg.progress):
-            tokens = vit(batch["img"].to(device, non_blocking=True))[:, 1:]
+            img = ppap.fit_to_patch(batch["img"].to(device, non_blocking=True), vit.patch_size)
+            tokens = vit(img)[:, vit.n_prefix:]          # patch tokens only (after CLS and any registers)
             feats.append(F.normalize(tokens.float().mean(1), dim=1))
     feats = torch.cat(feats)
     values, indices = topk_neighbors(feats, feats, min(k + 1, len(feats)))

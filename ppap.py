@@ -65,9 +65,11 @@ class Config:
     data_dir: str = _f(os.environ.get("PPAP_DATA", "./data"), "dataset root as download.sh lays it out "
                        "($PPAP_DATA)")
     imagenet_s_classes: int = _f(50, "ImageNet-S variant: 50 | 300 | 919")
-    arch: str = _f("vit_small", "backbone: vit_small | vit_base | vit_tiny_demo (random init, offline demo)")
-    patch: int = _f(8, "ViT patch size: 8 | 16")
-    weights: str = _f("", "backbone checkpoint file; empty = the released DINO one via the torch hub cache")
+    arch: str = _f("vit_small", "backbone: vit_small | vit_base (DINO) | dinov2_vits14 | dinov2_vitb14 | "
+                   "dinov2_vits14_reg | dinov2_vitb14_reg (DINOv2) | vit_tiny_demo (random init, offline demo)")
+    patch: int = _f(8, "ViT patch size: 8 | 16 for DINO; 14 for DINOv2 (implied by its --arch)")
+    weights: str = _f("", "backbone checkpoint file; empty = the released DINO/DINOv2 one via the torch hub "
+                      "cache")
     crop_quality: int = _f(0, "five-crop JPEGs: 0 = Pillow's defaults (quality 75, 4:2:0), as the authors' "
                            "crop script; 1-100 = that quality with 4:4:4 chroma (opt-in, other training data)")
     # -- the PPAP loss (the authors' loss.py, SupConLoss)
@@ -142,17 +144,26 @@ PRESETS = {
 # The backbone each dataset uses when --arch/--patch are not given (the paper's default per dataset).
 DEFAULT_BACKBONE = {"cocostuff": ("vit_small", 8), "cityscapes": ("vit_base", 8), "potsdam": ("vit_base", 8),
                     "imagenet-s": ("vit_small", 8), "synthetic": ("vit_tiny_demo", 8)}
+# DINOv2 has no authors' presets: a DINOv2 backbone borrows the dataset's /8 preset of the DINO ViT of its
+# width (e.g. cityscapes + dinov2_vits14 -> the cityscapes ViT-S/8 values), else the dataset's default preset.
+# Phi0/Psi0 were tuned on DINO's similarity scale; README "DINOv2 backbones" says how to check them.
+DINOV2_PRESET_FROM = {"dinov2_vits14": "vit_small", "dinov2_vitb14": "vit_base",
+                      "dinov2_vits14_reg": "vit_small", "dinov2_vitb14_reg": "vit_base"}
 
 
 def make_config(overrides: dict) -> Config:
     """Defaults <- preset of (data, arch, patch) <- explicit overrides. Unknown combos keep the dataset's
-    default preset."""
+    default preset. Without --patch the dataset's default patch is used when the arch has it, else the
+    arch's own (14 for DINOv2)."""
     data = overrides.get("data", Config.data)
     if data not in DEFAULT_BACKBONE:
         raise PPAPError(f"unknown --data {data!r}; choose one of {', '.join(DEFAULT_BACKBONE)}")
-    arch, patch = DEFAULT_BACKBONE[data]
-    arch, patch = overrides.get("arch", arch), overrides.get("patch", patch)
-    preset = PRESETS.get((data, arch, patch), PRESETS.get((data, *DEFAULT_BACKBONE[data]), {}))
+    default_arch, default_patch = DEFAULT_BACKBONE[data]
+    arch = overrides.get("arch", default_arch)
+    patches = ARCH_PATCHES.get(arch, (default_patch,))
+    patch = overrides.get("patch", default_patch if default_patch in patches else patches[0])
+    preset = (PRESETS.get((data, arch, patch)) or PRESETS.get((data, DINOV2_PRESET_FROM.get(arch), 8))
+              or PRESETS.get((data, default_arch, default_patch), {}))
     values = {**preset, "data": data, "arch": arch, "patch": patch, **overrides}
     unknown = set(values) - {f.name for f in fields(Config)}
     if unknown:
@@ -166,8 +177,6 @@ def check_config(cfg: Config) -> None:
     """One-line errors for values no run can use."""
     if cfg.arch not in ARCHS:
         raise PPAPError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
-    if cfg.patch not in (8, 16):
-        raise PPAPError(f"--patch must be 8 or 16, not {cfg.patch}")
     positive = ("trainpatchsplit", "group", "batch_size", "img_size", "val_size", "epochs", "imagenet_s_classes")
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -187,8 +196,15 @@ def check_config(cfg: Config) -> None:
     for name in ("lr", "weight_decay", "linear_lr", "cluster_lr", "ppap_weight"):
         if getattr(cfg, name) < 0:
             raise PPAPError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(cfg, name)}")
-    if cfg.img_size % cfg.patch or cfg.val_size % cfg.patch:
-        raise PPAPError(f"--img-size/--val-size must be multiples of the patch size {cfg.patch}")
+    if cfg.patch not in ARCH_PATCHES[cfg.arch]:
+        raise PPAPError(f"--patch {cfg.patch} does not exist for --arch {cfg.arch}; its patch size is "
+                        f"{' or '.join(map(str, ARCH_PATCHES[cfg.arch]))}")
+    # Train crops must tile into patches; --val-size need not (the evaluation protocol's 320 px is not a
+    # multiple of 14): PPAP.forward resizes such inputs to the nearest multiple, labels keep their size.
+    if cfg.img_size % cfg.patch:
+        raise PPAPError(f"--img-size must be a multiple of the patch size {cfg.patch}, not {cfg.img_size}")
+    if cfg.val_size < cfg.patch:
+        raise PPAPError(f"--val-size {cfg.val_size} is smaller than one patch ({cfg.patch} px)")
     if cfg.optimizer not in ("adam", "adamw"):
         raise PPAPError(f"--optimizer must be adam or adamw, not {cfg.optimizer!r}")
     if cfg.amp_dtype not in ("fp16", "bf16"):
@@ -201,7 +217,8 @@ def check_config(cfg: Config) -> None:
 
 # ==== BACKBONE: DINO ViT (frozen) ====
 # Key names and numerics of the released DINO checkpoints (DINO's vision_transformer.py, which the authors'
-# model/dino/vision_transformer.py copies), so that they load with strict=True.
+# model/dino/vision_transformer.py copies), so that they load with strict=True. DINOv2's ViTs (below
+# VisionTransformer) are the same blocks plus LayerScale, register tokens and their own positional resize.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -251,17 +268,33 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
+class LayerScale(nn.Module):
+    """DINOv2's learned per-channel scale of each residual branch (dinov2/layers/layer_scale.py): x * gamma."""
+
+    def __init__(self, dim: int, init: float = 1.0):       # DINOv2's hub models use init_values=1.0
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    """Pre-norm transformer block. layerscale=True is DINOv2's block (dinov2/layers/block.py, Block):
+    x + ls1(attn(norm1 x)), then + ls2(mlp(norm2 x)); DINO has no scale (Identity: same keys, same bits)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, layerscale: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
+        self.ls1 = LayerScale(dim) if layerscale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim) if layerscale else nn.Identity()
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -283,13 +316,20 @@ def trunc_normal_(t: torch.Tensor, std: float = 0.02, a: float = -2.0, b: float 
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int = 224):
+    """DINO's ViT. tokens(x) -> [B, n_prefix + h*w, D]: n_prefix tokens (CLS; DINOv2 adds registers), then
+    the h*w patch tokens in row-major order."""
+    n_prefix = 1                  # tokens before the patches
+    interp_offset = 0.1           # positional resize: DINO's +0.1 on the target grid (interpolate_pos_encoding)
+    interp_antialias = False
+
+    def __init__(self, patch_size: int, embed_dim: int, depth: int, num_heads: int, img_size: int = 224,
+                 layerscale: bool = False):
         super().__init__()
         self.patch_size, self.embed_dim = patch_size, embed_dim
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, layerscale=layerscale) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         # DINO's initialisation, in DINO's order: the random draws match the authors' model under one seed
         trunc_normal_(self.pos_embed)
@@ -306,27 +346,39 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros_like(pos_embed), requires_grad=self.pos_embed.requires_grad)
 
     def interpolate_pos_encoding(self, n_patches: int, H: int, W: int) -> torch.Tensor:
-        """DINO's bicubic resize of the positional grid to (H/p, W/p); the +0.1 avoids floor errors."""
+        """The positional embedding [1,1+N,D] (CLS, g x g grid) resized bicubically to the (H/p, W/p) grid
+        -> float32 [1,1+(H/p)(W/p),D]; unchanged for a square input of the native grid.
+
+        DINO (vision_transformer.py, interpolate_pos_encoding) and DINOv2's plain models pass
+        scale_factor = (H/p + 0.1) / g: the +0.1 keeps floor(g * scale) at H/p, and torch then samples with
+        that scale, not with (H/p)/g. DINOv2's register models (hub/backbones.py: interpolate_offset=0,
+        interpolate_antialias=True) pass the size itself, with antialiasing. DINOv2 resizes in float32
+        (dinov2/models/vision_transformer.py); its (w, h) are our (H, W), i.e. rows first, as here."""
         N = self.pos_embed.shape[1] - 1
         if n_patches == N and H == W:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         g = int(math.sqrt(N))
-        h0, w0 = H // self.patch_size + 0.1, W // self.patch_size + 0.1
-        patch_pos = F.interpolate(patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2),
-                                  scale_factor=(h0 / math.sqrt(N), w0 / math.sqrt(N)), mode="bicubic")
-        assert patch_pos.shape[-2:] == (int(h0), int(w0))
-        return torch.cat((cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)), dim=1)
+        pos = self.pos_embed.float()
+        h0, w0 = H // self.patch_size, W // self.patch_size
+        if self.interp_offset:
+            resize = dict(scale_factor=((h0 + self.interp_offset) / g, (w0 + self.interp_offset) / g))
+        else:
+            resize = dict(size=(h0, w0))
+        patch_pos = F.interpolate(pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2), mode="bicubic",
+                                  antialias=self.interp_antialias, **resize)
+        assert patch_pos.shape[-2:] == (h0, w0)
+        return torch.cat((pos[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, -1, self.embed_dim)), dim=1)
 
     def prepare_tokens(self, x):
         """[B,3,H,W] -> [B,1+h*w,D]: patch embedding, CLS token, positional embedding."""
         B, _, H, W = x.shape
         t = self.patch_embed(x)
         t = torch.cat((self.cls_token.expand(B, -1, -1), t), dim=1)
-        return t + self.interpolate_pos_encoding(t.shape[1] - 1, H, W)
+        return t + self.interpolate_pos_encoding(t.shape[1] - 1, H, W).to(t.dtype)
 
     def tokens(self, x):
-        """[B,3,H,W] -> (t after the penultimate block, norm(t after the last block)), both [B,1+h*w,D]."""
+        """[B,3,H,W] -> (t after the penultimate block, norm(t after the last block)), both
+        [B, n_prefix + h*w, D]."""
         t = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             t = blk(t)
@@ -351,7 +403,83 @@ def vit_tiny_demo(patch_size: int = 8) -> VisionTransformer:
         return VisionTransformer(patch_size, embed_dim=192, depth=4, num_heads=3)
 
 
-ARCHS = {"vit_small": vit_small, "vit_base": vit_base, "vit_tiny_demo": vit_tiny_demo}
+class DinoV2ViT(VisionTransformer):
+    """DINOv2's ViT (dinov2/models/vision_transformer.py, DinoVisionTransformer, as dinov2/hub/backbones.py
+    builds it: 518 px, i.e. a 37x37 positional grid at patch 14, LayerScale, no block chunks) on the blocks
+    above. Tokens are CLS, the registers (reg models: 4 learned tokens without a position), then the
+    patches. mask_token is only used by DINOv2's masked training; it is kept so the released state dicts
+    load with strict=True. Key names and their order are those of DinoVisionTransformer.state_dict()."""
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, n_registers: int = 0,
+                 interp_offset: float = 0.1, interp_antialias: bool = False, patch_size: int = 14,
+                 img_size: int = 518):
+        super().__init__(patch_size, embed_dim, depth, num_heads, img_size=img_size, layerscale=True)
+        self.n_registers, self.n_prefix = n_registers, 1 + n_registers
+        self.interp_offset, self.interp_antialias = interp_offset, interp_antialias
+        # drawn as the CLS token is (the released weights replace both; DINOv2's own init is N(0, 1e-6))
+        self.register_tokens = nn.Parameter(trunc_normal_(torch.zeros(1, n_registers, embed_dim))) \
+            if n_registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
+    def prepare_tokens(self, x):
+        """[B,3,H,W] -> [B,1+R+h*w,D]: CLS and patches with their positions, then the R registers inserted
+        after CLS (DinoVisionTransformer.prepare_tokens_with_masks)."""
+        t = super().prepare_tokens(x)
+        if self.register_tokens is None:
+            return t
+        return torch.cat((t[:, :1], self.register_tokens.expand(t.shape[0], -1, -1).to(t.dtype), t[:, 1:]), dim=1)
+
+
+def _dinov2(name: str, patch_size: int, **kw) -> DinoV2ViT:
+    if patch_size != 14:
+        raise PPAPError(f"{name} has patch size 14, not {patch_size}")
+    return DinoV2ViT(**kw)
+
+
+# dinov2/hub/backbones.py: the plain models keep DINO's resize (offset 0.1, no antialias); the register
+# models (4 registers) resize to the exact size with antialiasing.
+def dinov2_vits14(patch_size: int = 14) -> DinoV2ViT:
+    return _dinov2("dinov2_vits14", patch_size, embed_dim=384, depth=12, num_heads=6)
+
+
+def dinov2_vitb14(patch_size: int = 14) -> DinoV2ViT:
+    return _dinov2("dinov2_vitb14", patch_size, embed_dim=768, depth=12, num_heads=12)
+
+
+def dinov2_vits14_reg(patch_size: int = 14) -> DinoV2ViT:
+    return _dinov2("dinov2_vits14_reg", patch_size, embed_dim=384, depth=12, num_heads=6, n_registers=4,
+                   interp_offset=0.0, interp_antialias=True)
+
+
+def dinov2_vitb14_reg(patch_size: int = 14) -> DinoV2ViT:
+    return _dinov2("dinov2_vitb14_reg", patch_size, embed_dim=768, depth=12, num_heads=12, n_registers=4,
+                   interp_offset=0.0, interp_antialias=True)
+
+
+ARCHS = {"vit_small": vit_small, "vit_base": vit_base, "vit_tiny_demo": vit_tiny_demo,
+         "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14,
+         "dinov2_vits14_reg": dinov2_vits14_reg, "dinov2_vitb14_reg": dinov2_vitb14_reg}
+# The patch sizes each arch is built with (--patch): DINO's released ViTs are /8 and /16, DINOv2's /14 only.
+ARCH_PATCHES = {"vit_small": (8, 16), "vit_base": (8, 16), "vit_tiny_demo": (8, 16), "dinov2_vits14": (14,),
+                "dinov2_vitb14": (14,), "dinov2_vits14_reg": (14,), "dinov2_vitb14_reg": (14,)}
+
+
+def patch_grid(size: int, patch: int) -> int:
+    """Patches along a side of `size` px as the backbone sees it: size/patch rounded to the nearest integer
+    (halves up), at least 1; size/patch itself when patch divides size."""
+    return max(1, (2 * size + patch) // (2 * patch))
+
+
+def fit_to_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B,3,H,W] -> [B,3,patch_grid(H)*p,patch_grid(W)*p], bilinear (align_corners=False); x itself when
+    H and W are multiples of the patch (DINO at 224/320 px, DINOv2 at 224 px). The rule for evaluation at
+    320 px with patch 14: the backbone sees 322 px (23x23 patches); labels keep 320 px and `code` is
+    upsampled to them as always, so the evaluation protocol is unchanged."""
+    H, W = x.shape[-2:]
+    size = (patch_grid(H, patch) * patch, patch_grid(W, patch) * patch)
+    if size == (H, W):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 # ==== BRANCHES: criterion branch, training branch, probes ====
@@ -403,14 +531,19 @@ class PPAP(nn.Module):
         return self
 
     def forward(self, x, crit_keep: torch.Tensor | None = None):
-        """x normalised [B,3,H,W] -> {'code' [B,D,h,w], 'z' [B*h*w,D] unit rows, 'crit' [B,D,h,w]}.
+        """x normalised [B,3,H,W] -> {'code' [B,D,h,w], 'z' [B*h*w,D] unit rows, 'crit' [B,D,h,w]};
+        h = patch_grid(H, p): a side that is not a multiple of the patch is resized first (fit_to_patch).
 
+        The head (a copy of the last block) sees every token, CLS and registers included, as the
+        backbone's last block does; code, z and crit keep only the h*w patch tokens.
         crit_keep [B,D]: the criterion dropout in training (crit_dropout_mask); None leaves crit as is."""
+        x = fit_to_patch(x, self.patch_size)
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
         with torch.no_grad():
             t11, c = self.backbone.tokens(x)
-        grid = lambda t: t[:, 1:].reshape(B, h, w, -1).permute(0, 3, 1, 2)
+        n = self.backbone.n_prefix
+        grid = lambda t: t[:, n:].reshape(B, h, w, -1).permute(0, 3, 1, 2)
         crit = grid(c)
         if crit_keep is not None:
             crit = crit * crit_keep.to(crit.device, crit.dtype)[:, :, None, None]
@@ -919,7 +1052,8 @@ def train(cfg: Config, ckpt: dict | None = None) -> dict:
     Everything goes to cfg.run, which this process holds locked while it trains."""
     device = pick_device(cfg.device)
     if not cfg.run:
-        cfg.run = os.path.join("runs", f"{cfg.data}_{cfg.arch}{cfg.patch}_{time.strftime('%Y%m%d-%H%M%S')}")
+        backbone = cfg.arch if cfg.arch in DINOV2_PRESET_FROM else f"{cfg.arch}{cfg.patch}"   # dinov2_vits14: has it
+        cfg.run = os.path.join("runs", f"{cfg.data}_{backbone}_{time.strftime('%Y%m%d-%H%M%S')}")
     continuing = ckpt is not None and os.path.dirname(ckpt["_file"]) == os.path.abspath(cfg.run)
     with claim_run_dir(cfg.run, continuing):
         return _train(cfg, ckpt, device)
@@ -1071,10 +1205,18 @@ DINO_FILES = {("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_pre
               ("vit_small", 8): "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
               ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
               ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"}
+# DINOv2's released backbones (dinov2/hub/backbones.py: <base>/<model>/<model>[_reg4]_pretrain.pth);
+# `bash download.sh weights` puts them under their basenames in the torch hub cache, as for DINO.
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"
+DINOV2_FILES = {("dinov2_vits14", 14): "dinov2_vits14/dinov2_vits14_pretrain.pth",
+                ("dinov2_vitb14", 14): "dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+                ("dinov2_vits14_reg", 14): "dinov2_vits14/dinov2_vits14_reg4_pretrain.pth",
+                ("dinov2_vitb14_reg", 14): "dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"}
 
 
 def dino_state_dict(obj) -> dict:
-    """Released DINO weights, or a DINO training checkpoint ({'teacher': ...} with module./backbone. prefixes)."""
+    """Released DINO or DINOv2 weights (plain state dicts), or a DINO training checkpoint ({'teacher': ...}
+    with module./backbone. prefixes)."""
     if isinstance(obj, dict) and "teacher" in obj:
         obj = obj["teacher"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -1098,7 +1240,7 @@ def key_mismatch(own: dict, theirs: dict, free_shape=()) -> tuple[list, list, li
 
 
 def load_backbone_weights(vit: VisionTransformer, path: str) -> None:
-    """Load a DINO-format file into vit with strict=True; any mismatch is one clear PPAPError."""
+    """Load a DINO- or DINOv2-format file into vit with strict=True; any mismatch is one clear PPAPError."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1110,7 +1252,9 @@ def load_backbone_weights(vit: VisionTransformer, path: str) -> None:
     if missing or unexpected or wrong:
         what = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
                 else f"shape mismatch at {wrong[:3]}")
-        raise PPAPError(f"{path} does not fit {vit.embed_dim}-wide ViT/{vit.patch_size} ({what}); "
+        kind = "DINOv2 ViT" if isinstance(vit, DinoV2ViT) else "ViT"
+        regs = f" with {vit.n_prefix - 1} registers" if vit.n_prefix > 1 else ""
+        raise PPAPError(f"{path} does not fit {vit.embed_dim}-wide {kind}/{vit.patch_size}{regs} ({what}); "
                         f"check --arch/--patch, or run: bash download.sh weights")
     pe = sd["pos_embed"]
     g = math.isqrt(max(pe.shape[1] - 1, 0)) if pe.dim() == 3 else 0
@@ -1127,14 +1271,15 @@ def build_backbone(cfg: Config) -> VisionTransformer:
         return vit
     path = cfg.weights
     if not path:
-        name = DINO_FILES[(cfg.arch, cfg.patch)]
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(name))
+        key = (cfg.arch, cfg.patch)
+        url = DINOV2_URL + DINOV2_FILES[key] if key in DINOV2_FILES else DINO_URL + DINO_FILES[key]
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
         if not os.path.exists(path):
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)     # a fresh TORCH_HOME has none
-                torch.hub.download_url_to_file(DINO_URL + name, path, progress=cfg.progress)
+                torch.hub.download_url_to_file(url, path, progress=cfg.progress)
             except Exception as e:
-                raise PPAPError(f"cannot fetch DINO weights {DINO_URL + name} ({type(e).__name__}); run: "
+                raise PPAPError(f"cannot fetch backbone weights {url} ({type(e).__name__}); run: "
                                 f"bash download.sh weights, or pass --weights FILE") from None
     load_backbone_weights(vit, path)
     return vit
