@@ -414,12 +414,18 @@ def _fp16(x: float) -> float:
 
 
 def propagate(f: torch.Tensor, anchor_rows: torch.Tensor, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb,
-              no_ambiguity=False):
+              no_ambiguity=False, trace: list | None = None):
     """Move each anchor's proxy toward the dense region of its positives.
 
     f [N,D] unit rows, anchor_rows [a] global row ids -> (positive mask [a,N] without the anchor itself,
     negative mask [a,N] (sim < Psi), counted positives [a], counted negatives [a]).
     Proxies are mask @ f products: no [a,N,D] tensor is ever built (the authors' code builds one).
+
+    trace: None (training: nothing is recorded and nothing extra computed), or a list that receives one
+    dict per step t = 0..T (eval.py --propagation measures the paper's claim with it): 'pos', 'neg' [a,N]
+    bool, the sets this function would return had it stopped after step t (anchor excluded); 'sim' [a,N],
+    the similarity to the step's proxy (t = 0: the anchor itself); 'phi', 'psi' [a,1], the boundaries
+    Phi_t and Psi_t that defined them (t = 0: the exact Phi_0, as the positives use it).
     """
     N = f.shape[0]
     fa = f[anchor_rows]
@@ -427,6 +433,8 @@ def propagate(f: torch.Tensor, anchor_rows: torch.Tensor, *, phi0, psi0, prop_it
     pos = sim > phi0                                            # P0 = {j : s_j > Phi0}
     phi = torch.full((len(anchor_rows), 1), _fp16(phi0), device=f.device)
     psi = torch.full((len(anchor_rows), 1), _fp16(psi0), device=f.device)
+    if trace is not None:
+        _trace_step(trace, anchor_rows, sim, pos, torch.full_like(phi, phi0), psi, no_ambiguity)
     v_prev = fa
     for _ in range(prop_iter):
         v = F.normalize((pos.to(f.dtype) @ f) / N, dim=1)       # proxy: mean of positives, re-normalised
@@ -436,11 +444,21 @@ def propagate(f: torch.Tensor, anchor_rows: torch.Tensor, *, phi0, psi0, prop_it
         phi = phi - moved / sigma_pos                           #             -> looser positive boundary
         pos = sim > phi
         v_prev = v
+        if trace is not None:
+            _trace_step(trace, anchor_rows, sim, pos, phi, psi, no_ambiguity)
     neg = ~pos if no_ambiguity else sim < psi
     self_mask = torch.zeros_like(pos)
     self_mask[torch.arange(len(anchor_rows), device=f.device), anchor_rows] = True
     pos = pos & ~self_mask
     return pos, neg & ~self_mask, pos.sum(1), neg.sum(1)
+
+
+def _trace_step(trace: list, anchor_rows, sim, pos, phi, psi, no_ambiguity) -> None:
+    """propagate's diagnostics: the sets of one step, as propagate would return them (see its docstring)."""
+    others = torch.ones_like(pos)
+    others[torch.arange(len(anchor_rows), device=pos.device), anchor_rows] = False
+    neg = ~pos if no_ambiguity else sim < psi
+    trace.append({"pos": pos & others, "neg": neg & others, "sim": sim, "phi": phi, "psi": psi})
 
 
 def ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau, group=784,
