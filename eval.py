@@ -9,14 +9,16 @@ Command line
     python eval.py --run runs/x [--data ...] [--data-dir ...] [--crf] [--out DIR]
                    [--device auto] [--batch-size 8] [--limit N]
     python eval.py --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [--crf]
+    python eval.py --run runs/x --kmeans [--kmeans-restarts 5] [--kmeans-samples 100000] [--kmeans-seed 0]
     python eval.py --summarize runs/a runs/b runs/c [--out DIR]
     python eval.py --knn --data synthetic [--k 7] [--split train]
 
 Importable API (no side effects on import):
 
     confusion_update, scores                    ppap.py's metrics (the authors' UnsupervisedMetrics)
-    evaluate_model(model, loader, device, crf=False, amp=None) -> flat dict
+    evaluate_model(model, loader, device, crf=False, amp=None, kmeans_centroids=None) -> flat dict
         (cluster_mIoU, cluster_Acc, linear_mIoU, ..., *_IoU lists, *_confusion lists)
+    fit_kmeans(model, loader, device) -> (centroids [K,D], info); spherical_kmeans(x, k) (k-means diagnostic)
     load_official(path, arch, patch, n_classes=None) -> PPAP model (eval mode, CPU)
     official_state_dict(model) -> dict in the authors' checkpoint format
     load_crf(device) -> ext.dense_crf, or EvalError("CRF unavailable: ...")
@@ -46,7 +48,8 @@ __all__ = [
     "EvalError", "PROBES", "OFFICIAL_KEYS", "confusion_update", "scores", "evaluate_model",
     "probe_results", "load_crf", "image_to_uint8_bgr", "load_official", "official_state_dict",
     "map_official_keys", "plot_confusion", "plot_examples", "plot_knn", "palette", "write_outputs",
-    "format_table", "summarize", "format_summary", "knn_table", "main",
+    "format_table", "summarize", "format_summary", "knn_table", "main", "spherical_kmeans", "fit_kmeans",
+    "evaluate_target",
 ]
 
 # Dense-CRF hyper-parameters of the authors (utils/seg_utils.py).
@@ -110,13 +113,13 @@ def _crf_argmax(dense_crf, img_u8, logits):
 
 # ==== EVALUATION ====
 
-PROBES = ("cluster", "linear", "cluster_crf", "linear_crf")
+PROBES = ("cluster", "linear", "kmeans", "cluster_crf", "linear_crf")
 
 
 def crf_refiner(dense_crf):
     """ppap.evaluate's refine hook: dense CRF on softmax(linear logits) and on softmax(2 * cosine scores),
     image as BGR uint8 (the authors' batched_crf)."""
-    def refine(img, linear_logits, inner):
+    def refine(img, linear_logits, inner, code=None):
         img_u8 = image_to_uint8_bgr(img)
         linear = _crf_argmax(dense_crf, img_u8, linear_logits)
         return {"cluster_crf": _crf_argmax(dense_crf, img_u8, CLUSTER_CRF_ALPHA * inner.float()),
@@ -124,15 +127,139 @@ def crf_refiner(dense_crf):
     return refine
 
 
+def _chain(refiners):
+    """Several refine hooks as one (None if there are none): their predictions merged."""
+    refiners = [r for r in refiners if r is not None]
+    if not refiners:
+        return None
+
+    def refine(img, linear_logits, inner, code):
+        out = {}
+        for r in refiners:
+            out.update(r(img, linear_logits, inner, code))
+        return out
+    return refine
+
+
 def evaluate_model(model, loader, device, crf=False, amp: torch.dtype | None = None, n_examples: int = 0,
-                   progress: bool = True, desc: str = "eval", dense_crf=None) -> dict:
+                   progress: bool = True, desc: str = "eval", dense_crf=None, kmeans_centroids=None) -> dict:
     """ppap.evaluate (no CRF, cluster and linear probes) plus, with crf=True, the CRF-refined predictions
-    of both probes from the same pass, so "no CRF" and "CRF" scores come back together. ``amp``: autocast
-    dtype or None (fp32). See ppap.evaluate for the returned dict."""
+    of both probes from the same pass, so "no CRF" and "CRF" scores come back together, and with
+    ``kmeans_centroids`` [K,D] (see fit_kmeans) the 'kmeans' probe, scored like the cluster probe. ``amp``:
+    autocast dtype or None (fp32). See ppap.evaluate for the returned dict."""
     if crf and dense_crf is None:
         dense_crf = load_crf(device)
-    return ppap.evaluate(model, loader, device, amp=amp, refine=crf_refiner(dense_crf) if crf else None,
-                         n_examples=n_examples, progress=progress, desc=desc)
+    refine = _chain([crf_refiner(dense_crf) if crf else None,
+                     kmeans_refiner(kmeans_centroids) if kmeans_centroids is not None else None])
+    return ppap.evaluate(model, loader, device, amp=amp, refine=refine, n_examples=n_examples,
+                         progress=progress, desc=desc)
+
+
+# ==== K-MEANS DIAGNOSTIC ====
+# The cluster probe's unsupervised score depends on its random initialisation (the authors' ClusterLookup
+# starts from torch.randn centroids and is trained by SGD alongside the head). Spherical k-means with fixed
+# seeds on the same code scores the learned code without labels and without that randomness: K = n_classes
+# clusters on L2-normalised code vectors (cosine distance, as the cluster probe scores), k-means++ seeding,
+# a fixed number of restarts, the lowest-inertia restart kept; then every val pixel is assigned to the
+# closest centroid by the cluster probe's own scoring (ClusterProbe.inner) and Hungarian-matched over one
+# confusion matrix, exactly as the cluster probe.
+
+KMEANS_RESTARTS = 5          # restarts r = 0..4 use seeds seed + r
+KMEANS_ITERS = 100           # Lloyd iterations at most (stops when no assignment changes)
+KMEANS_SAMPLES = 100_000     # code vectors the centroids are fitted on (a fixed per-image patch subsample)
+
+
+def _kmeanspp(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding with distance 1 - cos: x [M,D] unit rows -> k starting centroids [k,D]."""
+    M = x.shape[0]
+    idx = [int(torch.randint(M, (1,), generator=g))]
+    d = (1 - x @ x[idx[0]]).clamp_(min=0)
+    for _ in range(1, k):
+        w = d.double().cpu()
+        # all remaining points coincide with a centroid (fewer distinct points than k): any point will do
+        i = int(torch.multinomial(w, 1, generator=g)) if w.sum() > 0 else int(torch.randint(M, (1,), generator=g))
+        idx.append(i)
+        d = torch.minimum(d, (1 - x @ x[i]).clamp_(min=0))
+    return x[idx].clone()
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, restarts: int = KMEANS_RESTARTS, iters: int = KMEANS_ITERS,
+                     seed: int = 0) -> tuple[torch.Tensor, float, int]:
+    """x [M,D] (normalised here) -> (centroids [k,D] unit rows, inertia = sum over rows of 1 - cos to the
+    closest centroid, index of the kept restart). Restart r draws from torch.Generator seeded seed + r
+    (k-means++), then Lloyd steps: assign by cosine, centroid = normalised mean (an empty cluster keeps
+    its centroid). The lowest-inertia restart is kept, the first one on ties: same inputs, same result."""
+    if x.shape[0] < k:
+        raise EvalError(f"k-means needs at least {k} samples, got {x.shape[0]}")
+    x = F.normalize(x.float(), dim=1)
+    best = None
+    for r in range(restarts):
+        g = torch.Generator().manual_seed(seed + r)
+        c = _kmeanspp(x, k, g)
+        assign = None
+        for _ in range(iters):
+            new_assign = (x @ c.T).argmax(1)
+            if assign is not None and torch.equal(new_assign, assign):
+                break
+            assign = new_assign
+            sums = torch.zeros_like(c).index_add_(0, assign, x)
+            filled = torch.bincount(assign, minlength=k) > 0
+            c = torch.where(filled[:, None], F.normalize(sums, dim=1), c)
+        inertia = float((1 - (x @ c.T).max(1).values).sum())
+        if best is None or inertia < best[1]:
+            best = (c, inertia, r)
+    return best
+
+
+@torch.no_grad()
+def collect_code(model, loader, device, amp: torch.dtype | None = None, samples: int = KMEANS_SAMPLES,
+                 seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """The code k-means is fitted on: for each val image the same number of patch-grid code vectors,
+    ceil(samples / images) of them (all when the grid is smaller), at positions drawn from one generator
+    seeded `seed` -> [M,D] float32 unit rows. A subsample, so memory stays bounded on the full val sets."""
+    device = torch.device(device)
+    per_image = max(1, math.ceil(samples / max(1, len(loader.dataset))))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc="k-means code", leave=False, dynamic_ncols=True, disable=not progress):
+            img = ppap._unpack_batch(batch)[0].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                code = model(img)["code"]                         # as ppap.evaluate computes it
+            B, D, h, w = code.shape
+            flat = code.float().permute(0, 2, 3, 1).reshape(B, h * w, D)
+            for i in range(B):
+                keep = torch.randperm(h * w, generator=g)[:per_image] if per_image < h * w else torch.arange(h * w)
+                rows.append(flat[i, keep.to(flat.device)])
+    finally:
+        model.train(was_training)
+    return F.normalize(torch.cat(rows), dim=1)
+
+
+def fit_kmeans(model, loader, device, amp=None, restarts: int = KMEANS_RESTARTS, samples: int = KMEANS_SAMPLES,
+               seed: int = 0, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """K = model.n_classes centroids of the model's code on the loader's images -> (centroids [K,D],
+    settings and fit statistics for metrics.json)."""
+    t0 = time.time()
+    x = collect_code(model, loader, device, amp=amp, samples=samples, seed=seed, progress=progress)
+    c, inertia, kept = spherical_kmeans(x, int(model.n_classes), restarts=restarts, seed=seed)
+    return c, {"k": int(model.n_classes), "restarts": restarts, "max_iters": KMEANS_ITERS, "seed": seed,
+               "init": "k-means++ (cosine)", "samples": int(x.shape[0]), "kept_restart": kept,
+               "mean_inertia": inertia / x.shape[0], "seconds": round(time.time() - t0, 2)}
+
+
+def kmeans_refiner(centroids: torch.Tensor):
+    """ppap.evaluate's refine hook for the 'kmeans' probe: each pixel's closest centroid by the cluster
+    probe's scoring (cosine of the upsampled code with the centroids), in fp32."""
+    probe = ppap.ClusterProbe(centroids.shape[1], centroids.shape[0])
+    with torch.no_grad():
+        probe.clusters.copy_(centroids)
+
+    def refine(img, linear_logits, inner, code):
+        return {"kmeans": probe.to(code.device).inner(code.float()).argmax(1)}
+    return refine
 
 
 def probe_results(res: dict, probe: str) -> dict | None:
@@ -493,7 +620,8 @@ def write_outputs(res: dict, class_names, out_dir: str, meta: dict, crf: bool) -
             metrics[k]["IoU_extra"] = r["IoU_extra"]
         matched = np.asarray(r["matched"])[:C]  # drop the all-zero "extra" row, if any
         col_names = list(class_names) + (["extra"] if matched.shape[1] > C else [])
-        kind = "cluster (Hungarian-matched)" if k.startswith("cluster") else "linear"
+        kind = {"cluster": "cluster (Hungarian-matched)", "kmeans": "k-means (Hungarian-matched)"}.get(
+            k.split("_")[0], "linear")
         title = (f"{kind}{' + CRF' if k.endswith('crf') else ''}: mIoU {_fmt(r['mIoU'], 0).strip()}, "
                  f"Acc {_fmt(r['Acc'], 0).strip()}  (rows normalised, %)")
         pngs[k] = os.path.basename(plot_confusion(matched, list(class_names), col_names,
@@ -689,66 +817,106 @@ def _val_loader(cfg, limit: int, batch_size: int):
     return ppap.make_loader(cfg, ds, train=False, batch_size=batch_size), names, int(ds.n_classes)
 
 
-def _evaluate_cli(args) -> int:
-    t0 = time.time()
-    device = ppap.pick_device(args.device)
-    dense_crf = load_crf(device) if args.crf else None  # fail fast, before loading anything
+def _load_target(args) -> tuple:
+    """--run RUN or --official FILE -> (model on the CPU, cfg, info): info holds kind, checkpoint, selection,
+    class names, git and step of the checkpoint, and 'out' (the output folder unless --out, without a
+    suffix: <run>, <run folder>/<stem> or runs/<stem>)."""
     if args.run:
         if not os.path.exists(args.run):
             raise EvalError(f"run not found: {args.run}")
         ckpt_path = ppap.checkpoint_file(args.run)
         model, cfg, ckpt = ppap.load_run(args.run)
-        selection = _selection_label(ckpt, ckpt_path)
         over = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir)) if v is not None}
         cfg = dataclasses.replace(cfg, **over)
-        kind = "run"
-        ck_names, ck_git, step = ckpt.get("class_names"), ckpt.get("git"), ckpt.get("step")
+        info = {"kind": "run", "checkpoint": ckpt_path, "selection": _selection_label(ckpt, ckpt_path),
+                "class_names": ckpt.get("class_names"), "checkpoint_git": ckpt.get("git"), "step": ckpt.get("step")}
         if os.path.isdir(args.run):
-            out_dir = args.out or os.path.join(args.run, "eval")
-            best = os.path.join(args.run, "best_on_val.pt")
-            if os.path.exists(best):
-                print(f"note: evaluating last.pt; the best-on-val checkpoint is {best} (--run {best})")
+            info["out"], info["stem"] = args.run, ""
         else:
             stem = os.path.splitext(os.path.basename(args.run))[0]
-            out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.run)),
-                                               "eval" if stem == "last" else f"eval_{stem}")
-    else:
-        # the checkpoint first: its errors do not depend on the data being there
-        arch, patch = args.arch or "vit_small", args.patch or 8
-        model = load_official(args.official, arch, patch, n_classes=None, trust=args.trust_pickle)
-        over = {"data": args.data or "cocostuff", "arch": arch, "patch": patch, "amp_dtype": "fp16"}
-        if args.data_dir:
-            over["data_dir"] = args.data_dir
-        cfg = ppap.make_config(over)
-        ckpt_path, selection, kind, ck_names, ck_git, step = args.official, "authors-release", "official", \
-            None, None, None
-        out_dir = args.out or os.path.join("runs", "eval_" + os.path.splitext(os.path.basename(args.official))[0])
-    # data loading: this command's workers; precision: the run's own (the authors evaluate under autocast),
-    # unless --amp/--no-amp says otherwise
-    cfg = dataclasses.replace(cfg, num_workers=args.num_workers if args.num_workers is not None
-                              else min(4, os.cpu_count() or 1), **({} if args.amp is None else {"amp": args.amp}))
+            info["out"] = os.path.dirname(os.path.abspath(args.run))
+            info["stem"] = "" if stem == "last" else stem
+        return model, cfg, info
+    # the checkpoint first: its errors do not depend on the data being there
+    arch, patch = args.arch or "vit_small", args.patch or 8
+    model = load_official(args.official, arch, patch, n_classes=None, trust=args.trust_pickle)
+    over = {"data": args.data or "cocostuff", "arch": arch, "patch": patch, "amp_dtype": "fp16"}
+    if args.data_dir:
+        over["data_dir"] = args.data_dir
+    cfg = ppap.make_config(over)
+    info = {"kind": "official", "checkpoint": args.official, "selection": "authors-release", "class_names": None,
+            "checkpoint_git": None, "step": None, "out": "runs",
+            "stem": os.path.splitext(os.path.basename(args.official))[0]}
+    return model, cfg, info
+
+
+def _out_dir(args, info, what: str) -> str:
+    """--out, or the default folder of this report: <run>/<what>[_<stem>], runs/<what>_<stem> (official)."""
+    if args.out:
+        return args.out
+    return os.path.join(info["out"], what + (f"_{info['stem']}" if info["stem"] else ""))
+
+
+def _eval_cfg(cfg, args):
+    """Data loading: this command's workers; precision: the run's own (the authors evaluate under autocast),
+    unless --amp/--no-amp says otherwise."""
+    return dataclasses.replace(cfg, num_workers=args.num_workers if args.num_workers is not None
+                               else min(4, os.cpu_count() or 1), **({} if args.amp is None else {"amp": args.amp}))
+
+
+def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, dict, list]:
+    """The evaluation of --run / --official as the flags in ``args`` ask (CRF, k-means, limit, ...):
+    -> (the metrics.json document, written to its folder; ppap.evaluate's result; class names).
+    ``dense_crf``: the loaded CRF op when args.crf (loaded here if None)."""
+    t0 = time.time()
+    device = ppap.pick_device(args.device)
+    if args.crf and dense_crf is None:
+        dense_crf = load_crf(device)  # fail fast, before loading anything
+    model, cfg, info = _load_target(args)
+    out_dir = _out_dir(args, info, "eval")
+    if args.run and os.path.isdir(args.run) and os.path.exists(os.path.join(args.run, "best_on_val.pt")):
+        print(f"note: evaluating last.pt; the best-on-val checkpoint is "
+              f"{os.path.join(args.run, 'best_on_val.pt')} (--run {os.path.join(args.run, 'best_on_val.pt')})")
+    cfg = _eval_cfg(cfg, args)
     loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
     if int(model.n_classes) != n_classes:
         raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
-    if ck_names and len(ck_names) == n_classes:
-        names = list(ck_names)
+    if info["class_names"] and len(info["class_names"]) == n_classes:
+        names = list(info["class_names"])
     model = model.to(device)
     amp = ppap.amp_dtype(cfg, device)
+    centroids, km = None, None
+    if getattr(args, "kmeans", False):
+        centroids, km = fit_kmeans(model, loader, device, amp=amp, restarts=args.kmeans_restarts,
+                                   samples=args.kmeans_samples, seed=args.kmeans_seed, progress=progress)
     res = evaluate_model(model, loader, device, crf=args.crf, amp=amp, n_examples=args.n_examples,
-                         dense_crf=dense_crf, desc=f"eval {cfg.data}")
+                         dense_crf=dense_crf, desc=f"eval {cfg.data}", kmeans_centroids=centroids,
+                         progress=progress)
     meta = {
-        "checkpoint": os.path.abspath(ckpt_path), "kind": kind, "selection": selection, "step": step,
-        "config": dataclasses.asdict(cfg), "data": cfg.data, "limit": args.limit or None,
-        "git_commit": ppap.git_commit(), "checkpoint_git": ck_git, "device": str(device),
+        "checkpoint": os.path.abspath(info["checkpoint"]), "kind": info["kind"], "selection": info["selection"],
+        "step": info["step"], "config": dataclasses.asdict(cfg), "data": cfg.data, "limit": args.limit or None,
+        "git_commit": ppap.git_commit(), "checkpoint_git": info["checkpoint_git"], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "amp": str(amp).removeprefix("torch.") if amp else False,
         "batch_size": args.batch_size, "seconds": round(time.time() - t0, 2),
     }
+    if km is not None:
+        meta["kmeans"] = km
     doc = write_outputs(res, names, out_dir, meta, crf=args.crf)
-    print(f"{kind} {ckpt_path} ({selection}) on {cfg.data} val, {res['n_images']} images, device {device}")
+    doc["out_dir"] = out_dir
+    return doc, res, names
+
+
+def _evaluate_cli(args) -> int:
+    doc, res, names = evaluate_target(args)
+    print(f"{doc['kind']} {doc['checkpoint']} ({doc['selection']}) on {doc['data']} val, {res['n_images']} images, "
+          f"device {doc['device']}")
     print(format_table(res, names))
-    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and "
-          + ", ".join(doc["pngs"].values()))
+    if "kmeans" in doc:
+        km = doc["kmeans"]
+        print(f"k-means: K = {km['k']}, {km['restarts']} restarts (seeds {km['seed']}..{km['seed'] + km['restarts'] - 1}), "
+              f"fitted on {km['samples']} code vectors, mean 1 - cos {km['mean_inertia']:.4f}")
+    print(f"wrote {os.path.join(doc['out_dir'], 'metrics.json')} and " + ", ".join(doc["pngs"].values()))
     return 0
 
 
@@ -793,6 +961,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-examples", type=int, default=4, help="images in examples.png")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="autocast on CUDA (default: the run's setting; on for --official, as the authors)")
+    p.add_argument("--kmeans", action="store_true",
+                   help="also score spherical k-means (K = classes) on the code: a label-free diagnostic that "
+                        "does not depend on the cluster probe's initialisation (probe 'kmeans')")
+    p.add_argument("--kmeans-restarts", type=int, default=KMEANS_RESTARTS, help="k-means restarts (seeds "
+                   "kmeans-seed + r); the lowest inertia is kept")
+    p.add_argument("--kmeans-samples", type=int, default=KMEANS_SAMPLES,
+                   help="code vectors k-means is fitted on (a fixed per-image patch subsample)")
+    p.add_argument("--kmeans-seed", type=int, default=0, help="first k-means seed (and the subsample's)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary pickled objects in --official checkpoints (trusted files only)")
     return p
@@ -801,6 +977,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.kmeans and (args.kmeans_restarts < 1 or args.kmeans_samples < 1):
+            raise EvalError("--kmeans-restarts and --kmeans-samples must be >= 1")
+        if args.kmeans and not (args.run or args.official):
+            raise EvalError("--kmeans goes with --run or --official")
         if args.summarize:
             s = summarize(args.summarize)
             print(format_summary(s))

@@ -718,6 +718,11 @@ def scores(confusion, hungarian: bool) -> dict:
     return out
 
 
+# Probes whose predictions are cluster ids (scored after the Hungarian matching), by name prefix: the cluster
+# probe (and its CRF) and eval.py's k-means diagnostic. Every other probe predicts classes.
+MATCHED_PROBES = ("cluster", "kmeans")
+
+
 def _unpack_batch(batch):
     return (batch["img"], batch["label"]) if isinstance(batch, dict) else (batch[0], batch[1])
 
@@ -729,9 +734,10 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
 
     Per batch: code = model(img)['code'] upsampled bilinearly (align_corners=False) to the label size;
     linear prediction = argmax(linear_probe(code)); cluster prediction = argmax of the cosine scores with
-    the centroids. ``refine(img, linear_logits, cluster_scores) -> {probe: pred}`` adds predictions (eval.py's
-    CRF); a probe whose name starts with 'cluster' is Hungarian-matched. One confusion matrix per probe over
-    the loader. ``amp``: autocast dtype or None (fp32).
+    the centroids. ``refine(img, linear_logits, cluster_scores, code) -> {probe: pred}`` (code: the upsampled
+    code [B,D,H,W]) adds predictions (eval.py's CRF and k-means); a probe whose name starts with one of
+    MATCHED_PROBES predicts cluster ids and is Hungarian-matched, the others predict classes. One confusion
+    matrix per probe over the loader. ``amp``: autocast dtype or None (fp32).
 
     Returns a flat dict; for each probe P: P_mIoU, P_Acc (x100), P_IoU (per class), P_IoU_extra (K > C),
     P_confusion [C,K], P_assignment, P_matched (see ``scores``); plus n_images and examples (dicts of uint8
@@ -758,7 +764,7 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
                 inner = model.cluster_probe.inner(code)
             preds = {"cluster": inner.argmax(1), "linear": linear_logits.argmax(1)}
             if refine is not None:
-                preds.update(refine(img, linear_logits, inner))
+                preds.update(refine(img, linear_logits, inner, code))
             for k, p in preds.items():
                 if k not in confs:
                     confs[k] = torch.zeros(n_classes, n_clusters if k.startswith("cluster") else n_classes,
@@ -775,7 +781,7 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
     out = {}
     for k, conf in confs.items():
         conf = conf.cpu()
-        sc = scores(conf, hungarian=k.startswith("cluster"))
+        sc = scores(conf, hungarian=k.startswith(MATCHED_PROBES))
         out[f"{k}_mIoU"], out[f"{k}_Acc"] = sc["mIoU"], sc["Acc"]
         if "IoU_extra" in sc:
             out[f"{k}_IoU_extra"] = sc["IoU_extra"]

@@ -105,3 +105,105 @@ def test_ppap_loss_does_not_use_the_hook(monkeypatch):
     z = F.normalize(torch.randn(len(f), 5, generator=torch.Generator().manual_seed(1)), dim=1)
     ppap.ppap_loss(z, f, torch.tensor([[0, 3, 9]]), group=len(f), tau=0.8, prop_iter=2, **COCO)
     assert calls == []
+
+
+# ---------------------------------------------------------------------------
+# k-means diagnostic
+
+import eval as ev  # noqa: E402
+
+
+class CodeIsTheClass(torch.nn.Module):
+    """A stand-in model whose code at each 8x8 patch is the one-hot class written in the image's first
+    channel (plus a fixed small perturbation): perfectly separable code."""
+
+    def __init__(self, n_classes=3):
+        super().__init__()
+        self.patch_size, self.n_classes = 8, n_classes
+        self.cluster_probe = ppap.ClusterProbe(n_classes, n_classes)
+        self.linear_probe = torch.nn.Conv2d(n_classes, n_classes, 1)
+
+    def forward(self, x):
+        cls = x[:, 0].round().long().clamp(0, self.n_classes - 1)
+        onehot = F.one_hot(cls, self.n_classes).permute(0, 3, 1, 2).float()
+        code = F.avg_pool2d(onehot, 8) + 0.05 * torch.sin(torch.arange(self.n_classes) + 1.0)[None, :, None, None]
+        return {"code": code}
+
+
+def separable_loader(n_images=4, size=32, n_classes=3):
+    """Image i is all class i % n_classes (one class per image, so the bilinear upsampling of the code never
+    blends two classes); its first two rows are unlabelled."""
+    items = []
+    for i in range(n_images):
+        label = torch.full((size, size), i % n_classes)
+        img = torch.zeros(3, size, size)
+        img[0] = label.float()
+        label[:2, :] = -1
+        items.append({"img": img, "label": label})
+    return torch.utils.data.DataLoader(items, batch_size=2)
+
+
+def test_spherical_kmeans_separable_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(4, 8, generator=g), dim=1)
+    truth = torch.arange(4).repeat(30)
+    x = centres[truth] + 0.05 * torch.randn(120, 8, generator=g)
+    c1, inertia1, _ = ev.spherical_kmeans(x, 4, restarts=3, seed=0)
+    c2, inertia2, _ = ev.spherical_kmeans(x, 4, restarts=3, seed=0)
+    assert torch.equal(c1, c2) and inertia1 == inertia2                   # same call, same bits
+    assert torch.allclose(c1.norm(dim=1), torch.ones(4))
+    pred = (F.normalize(x, dim=1) @ c1.T).argmax(1)
+    s = ev.scores(ev.confusion_update(None, pred, truth, 4), hungarian=True)
+    assert s["mIoU"] == 100.0 and s["Acc"] == 100.0
+    # the inertia is the sum of 1 - cos to the closest centroid
+    assert inertia1 == pytest.approx(float((1 - (F.normalize(x, dim=1) @ c1.T).max(1).values).sum()), rel=1e-6)
+    with pytest.raises(ppap.PPAPError):
+        ev.spherical_kmeans(x[:3], 4)
+
+
+def test_kmeans_probe_scores_separable_code_perfectly_and_repeatably():
+    model = CodeIsTheClass()
+    loader = separable_loader(n_images=6)
+    c1, info = ev.fit_kmeans(model, loader, "cpu", restarts=2, samples=20, progress=False)
+    c2, _ = ev.fit_kmeans(model, loader, "cpu", restarts=2, samples=20, progress=False)
+    assert torch.equal(c1, c2)
+    assert info["samples"] == 6 * 4 and info["k"] == 3 and info["restarts"] == 2   # ceil(20 / 6) per image
+    res = ev.evaluate_model(model, loader, "cpu", kmeans_centroids=c1, progress=False)
+    assert res["kmeans_mIoU"] == 100.0 and res["kmeans_Acc"] == 100.0
+    assert len(res["kmeans_confusion"][0]) == 3                            # K = n_classes columns
+    assert sum(map(sum, res["kmeans_confusion"])) == 6 * 30 * 32                 # ignored pixels not counted
+    again = ev.evaluate_model(model, loader, "cpu", kmeans_centroids=c2, progress=False)
+    assert again["kmeans_confusion"] == res["kmeans_confusion"]
+
+
+# ---------------------------------------------------------------------------
+# on a short synthetic run (two training steps)
+
+import json  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "syn"
+    argv = ["--data", "synthetic", "--max-steps", "2", "--batch-size", "4", "--val-limit", "2", "--val-every", "0",
+            "--no-progress", "--device", "cpu", "--num-workers", "0", "--run", str(run)]
+    with torch.random.fork_rng(devices=[]):
+        assert ppap.main(argv) == 0
+    return run
+
+
+def test_kmeans_cli_next_to_the_cluster_probe(short_run, tmp_path, capsys):
+    argv = ["--run", str(short_run), "--limit", "4", "--batch-size", "4", "--device", "cpu", "--num-workers", "0",
+            "--n-examples", "0", "--kmeans", "--kmeans-restarts", "2", "--kmeans-samples", "300"]
+    assert ev.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "kmeans" in out and "k-means: K = 6, 2 restarts" in out
+    doc = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert set(doc["metrics"]) == {"cluster", "linear", "kmeans"}
+    assert doc["summary"]["kmeans/mIoU"] == doc["metrics"]["kmeans"]["mIoU"]
+    assert doc["kmeans"]["samples"] == 4 * 75 and doc["kmeans"]["k"] == 6
+    assert "confusion_kmeans.png" in doc["pngs"].values()
+    assert ev.main(argv + ["--out", str(tmp_path / "b")]) == 0             # another call, the same numbers
+    again = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert again["metrics"]["kmeans"]["confusion"] == doc["metrics"]["kmeans"]["confusion"]
+    assert ev.main(["--summarize", str(short_run), "--kmeans"]) == 2        # only with --run / --official
