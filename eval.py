@@ -11,6 +11,7 @@ Command line
     python eval.py --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [--crf]
     python eval.py --run runs/x --kmeans [--kmeans-restarts 5] [--kmeans-samples 100000] [--kmeans-seed 0]
     python eval.py --summarize runs/a runs/b runs/c [--out DIR]
+    python eval.py --audit [--checkpoints DIR] [--data-dir DIR] [--crf] [--out DIR] [--limit N] [--device ...]
     python eval.py --knn --data synthetic [--k 7] [--split train]
 
 Importable API (no side effects on import):
@@ -49,7 +50,7 @@ __all__ = [
     "probe_results", "load_crf", "image_to_uint8_bgr", "load_official", "official_state_dict",
     "map_official_keys", "plot_confusion", "plot_examples", "plot_knn", "palette", "write_outputs",
     "format_table", "summarize", "format_summary", "knn_table", "main", "spherical_kmeans", "fit_kmeans",
-    "evaluate_target",
+    "evaluate_target", "audit", "read_manifest", "format_audit", "PAPER_NUMBERS",
 ]
 
 # Dense-CRF hyper-parameters of the authors (utils/seg_utils.py).
@@ -802,6 +803,196 @@ def plot_knn(dataset, indices, path, n_queries: int = 6, k: int = 5, tile: int =
     return path
 
 
+# ==== AUDIT: the authors' released checkpoints against the paper ====
+
+# The paper's numbers (Seong, Moon, Lee, Heo, "Progressive Proxy Anchor Propagation for Unsupervised Semantic
+# Segmentation", ECCV 2024, arXiv 2407.12463) for the released checkpoints, keyed like checkpoints.tsv rows
+# (dataset, arch, patch). 'numbers' uses metrics.json's names ('cluster' = unsupervised, Hungarian-matched;
+# 'linear' = linear probe; x100); 'source' says where each number was read and what it does not state.
+# Only numbers read in a named source belong here: an absent number is an empty cell, never a guess.
+# Not filled in: the paper's Table 1 (every dataset and backbone), which this project has not yet read in
+# a copy of the paper it can cite; add each number with its table and row when someone has.
+PAPER_NUMBERS = {
+    ("cocostuff", "vit_small", 16): {
+        "numbers": {"cluster/mIoU": 26.5},
+        # COCO-Stuff-27, ViT-S/16, unsupervised mIoU: the paper's number as quoted in the authors' issue
+        # tracker (github.com/hynnsk/PPAP/issues); the quote does not say whether CRF was applied.
+        "source": "paper, as quoted in the authors' issue tracker (github.com/hynnsk/PPAP/issues); "
+                  "CRF setting not stated there",
+    },
+}
+
+MANIFEST_HEADER = ("name", "file_id", "dataset", "arch", "patch")   # download.sh's checkpoints.tsv
+
+
+def read_manifest(ck_dir: str) -> list[dict]:
+    """DIR/checkpoints.tsv (written by `bash download.sh checkpoints DIR`) -> its rows as dicts with the
+    header's keys (patch as int). Problems are one EvalError line."""
+    path = os.path.join(ck_dir, "checkpoints.tsv")
+    if not os.path.isfile(path):
+        raise EvalError(f"no {path} — run: bash download.sh checkpoints {ck_dir}")
+    with open(path) as f:
+        lines = [ln.rstrip("\n").rstrip("\r") for ln in f]
+    lines = [ln for ln in lines if ln.strip()]
+    if not lines or tuple(lines[0].split("\t")) != MANIFEST_HEADER:
+        raise EvalError(f"{path}: expected the header {chr(9).join(MANIFEST_HEADER)!r} (tab-separated) — "
+                        f"run: bash download.sh checkpoints {ck_dir}")
+    rows = []
+    for i, ln in enumerate(lines[1:], start=2):
+        cells = ln.split("\t")
+        if len(cells) != len(MANIFEST_HEADER) or not cells[4].strip().isdigit():
+            raise EvalError(f"{path}:{i}: expected {len(MANIFEST_HEADER)} tab-separated fields with an "
+                            f"integer patch, got {ln!r}")
+        row = dict(zip(MANIFEST_HEADER, (c.strip() for c in cells)))
+        row["patch"] = int(row["patch"])
+        rows.append(row)
+    return rows
+
+
+def _data_missing(row: dict, data_dir: str) -> str | None:
+    """Why the row's val data cannot be used (one line naming the download command), or None."""
+    try:
+        cfg = ppap.make_config({"data": row["dataset"], "arch": row["arch"], "patch": row["patch"],
+                                "data_dir": data_dir, "progress": False})
+        ppap.build_dataset(cfg, "val")
+    except EvalError as e:
+        msg = " ".join(str(e).split())
+        if msg.startswith("unknown"):
+            return msg
+        return f"{row['dataset']} val data missing ({msg})"
+    except OSError as e:
+        return f"{row['dataset']} val data unreadable under {data_dir} ({e}) — run: bash download.sh {row['dataset']} {data_dir}"
+    return None
+
+
+# measured columns of the audit table, in this order, when some checkpoint has them
+AUDIT_PROBES = (("cluster", "unsup."), ("linear", "linear"), ("kmeans", "k-means"),
+                ("cluster_crf", "unsup. +CRF"), ("linear_crf", "linear +CRF"))
+
+
+def audit(args, progress: bool = True) -> dict:
+    """Evaluate every released checkpoint listed in <checkpoints>/checkpoints.tsv whose file and val data are
+    present (through evaluate_target, as --official does: same loading, loader, evaluation and CRF) and
+    write <out>/audit.json and <out>/audit.md; each checkpoint's full report goes to <out>/<name>/.
+    Rows without their file or data are listed with the reason and the command that fetches them."""
+    t0 = time.time()
+    ck_dir = args.checkpoints or os.environ.get("PPAP_CHECKPOINTS", "./checkpoints")
+    data_dir = args.data_dir or os.environ.get("PPAP_DATA", "./data")
+    out_dir = args.out or os.path.join("runs", "audit")
+    manifest = read_manifest(ck_dir)
+    device = ppap.pick_device(args.device)
+    dense_crf = load_crf(device) if args.crf else None   # fail fast, before any checkpoint
+    rows = []
+    for m in manifest:
+        file = os.path.join(ck_dir, m["name"])
+        stem = os.path.splitext(m["name"])[0]
+        paper = PAPER_NUMBERS.get((m["dataset"], m["arch"], m["patch"]), {})
+        row = {**m, "file": os.path.abspath(file), "paper": dict(paper.get("numbers", {})),
+               "paper_source": paper.get("source")}
+        reason = None
+        if not os.path.isfile(file):
+            reason = f"file missing — run: bash download.sh checkpoints {ck_dir}"
+        else:
+            reason = _data_missing(m, data_dir)
+        if reason:
+            rows.append({**row, "status": "skipped", "reason": reason})
+            print(f"skip {m['name']}: {reason}")
+            continue
+        sub = argparse.Namespace(**{**vars(args), "run": None, "official": file, "data": m["dataset"],
+                                    "arch": m["arch"], "patch": m["patch"], "data_dir": data_dir,
+                                    "out": os.path.join(out_dir, stem)})
+        print(f"evaluating {m['name']} ({m['dataset']}, {m['arch']}/{m['patch']})", flush=True)
+        try:
+            doc, res, _ = evaluate_target(sub, dense_crf=dense_crf, progress=progress)
+        except EvalError as e:
+            msg = " ".join(str(e).split())
+            rows.append({**row, "status": "error", "reason": msg})
+            print(f"error in {m['name']}: {msg}")
+            continue
+        measured = {k: {"Acc": doc["metrics"][k]["Acc"], "mIoU": doc["metrics"][k]["mIoU"]}
+                    for k, _ in AUDIT_PROBES if k in doc["metrics"]}
+        rows.append({**row, "status": "evaluated", "n_images": doc["n_images"], "measured": measured,
+                     "metrics_json": os.path.join(stem, "metrics.json"), "seconds": doc["seconds"]})
+    result = {"checkpoints_tsv": os.path.abspath(os.path.join(ck_dir, "checkpoints.tsv")),
+              "data_dir": os.path.abspath(data_dir), "crf": bool(args.crf), "kmeans": bool(args.kmeans),
+              "limit": args.limit or None, "device": str(device), "git_commit": ppap.git_commit(),
+              "torch": torch.__version__, "seconds": round(time.time() - t0, 2), "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    result = _nan_to_none(result)
+    ppap.atomic_write(os.path.join(out_dir, "audit.json"), lambda p: ppap.write_json(p, result, indent=1))
+    md = format_audit(result)
+    ppap.atomic_write(os.path.join(out_dir, "audit.md"), lambda p: _write_text(p, md))
+    result["out_dir"] = out_dir
+    return result
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _cell(v, digits=2) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def format_audit(result: dict) -> str:
+    """audit.json -> audit.md: one table row per evaluated checkpoint, then the skipped ones."""
+    rows = result["rows"]
+    done = [r for r in rows if r["status"] == "evaluated"]
+    probes = [(k, name) for k, name in AUDIT_PROBES if any(k in r["measured"] for r in done)] or \
+        [("cluster", "unsup."), ("linear", "linear")]
+    head = ["checkpoint", "data", "backbone", "val images"]
+    head += [f"{name} {m}" for _, name in probes for m in ("Acc", "mIoU")]
+    head += [f"paper {name} {m}" for name in ("unsup.", "linear") for m in ("Acc", "mIoU")]
+    sources = []
+    lines = ["# Audit: the authors' released PPAP checkpoints", "",
+             "Measured with `python eval.py --audit` (the authors' evaluation protocol: shorter side resized to "
+             "the preset's val size with nearest, centre crop, one confusion matrix over the val set); "
+             "unsup. = cluster probe after Hungarian matching, linear = linear probe"
+             + (", k-means = spherical k-means on the code (K = classes, fixed seeds), Hungarian-matched"
+                if any(k == "kmeans" for k, _ in probes) else "")
+             + (", +CRF = after the dense CRF" if result["crf"] else "")
+             + ". Acc and mIoU in %. "
+             + (f"**Only the first {result['limit']} val images** (`--limit`): not the paper's protocol. "
+                if result["limit"] else "All val images. ")
+             + "Paper columns: the paper's numbers where this project has read them (sources below); "
+               "an empty cell means not known, not zero.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in done:
+        cells = [f"`{r['name']}`", r["dataset"], f"{r['arch']}/{r['patch']}", str(r["n_images"])]
+        for k, _ in probes:
+            m = r["measured"].get(k, {})
+            cells += [_cell(m.get("Acc")), _cell(m.get("mIoU"))]
+        mark = ""
+        if r["paper"]:
+            sources.append(r["paper_source"])
+            mark = f" [{len(sources)}]"
+        for p in ("cluster", "linear"):
+            for metric in ("Acc", "mIoU"):
+                v = r["paper"].get(f"{p}/{metric}")
+                cells.append("" if v is None else f"{v}{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    other = [r for r in rows if r["status"] != "evaluated"]
+    if other:
+        lines += ["", "Not evaluated:", ""]
+        lines += [f"- `{r['name']}` ({r['dataset']}, {r['arch']}/{r['patch']}): {r['status']}: {r['reason']}"
+                  for r in other]
+    if sources:
+        lines += ["", "Sources of the paper columns:", ""]
+        lines += [f"[{i}] {src}" for i, src in enumerate(sources, start=1)]
+    lines += ["", f"Device {result['device']}, torch {result['torch']}, git {result['git_commit']}, "
+                  f"checkpoints from `{result['checkpoints_tsv']}`, data from `{result['data_dir']}`; "
+                  "per-checkpoint reports (per-class IoU, confusion matrices) in `<name>/metrics.json`.", ""]
+    return "\n".join(lines)
+
+
+def _audit_cli(args) -> int:
+    result = audit(args)
+    print(format_audit(result))
+    print(f"wrote {os.path.join(result['out_dir'], 'audit.md')} and audit.json")
+    return 1 if any(r["status"] == "error" for r in result["rows"]) else 0
+
+
 # ==== CLI ====
 
 def _val_loader(cfg, limit: int, batch_size: int):
@@ -944,6 +1135,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--summarize", nargs="+", metavar="RUN", help="mean ± std over runs (seeds)")
     g.add_argument("--knn", action="store_true", help="each image's nearest images by backbone features "
                                                       "(table + knn.png)")
+    g.add_argument("--audit", action="store_true", help="evaluate every released checkpoint listed in "
+                   "--checkpoints/checkpoints.tsv whose file and data are present; audit.md + audit.json")
+    p.add_argument("--checkpoints", default=None, help="for --audit: folder of `bash download.sh checkpoints` "
+                   "(default $PPAP_CHECKPOINTS or ./checkpoints)")
     p.add_argument("--data", default=None, help="data set (default: the run's; cocostuff for --official)")
     p.add_argument("--data-dir", default=None, help="data root (default: the run's / $PPAP_DATA)")
     p.add_argument("--arch", default=None, help="backbone for --official/--knn (default vit_small / the "
@@ -979,8 +1174,8 @@ def main(argv=None) -> int:
     try:
         if args.kmeans and (args.kmeans_restarts < 1 or args.kmeans_samples < 1):
             raise EvalError("--kmeans-restarts and --kmeans-samples must be >= 1")
-        if args.kmeans and not (args.run or args.official):
-            raise EvalError("--kmeans goes with --run or --official")
+        if args.kmeans and not (args.run or args.official or args.audit):
+            raise EvalError("--kmeans goes with --run, --official or --audit")
         if args.summarize:
             s = summarize(args.summarize)
             print(format_summary(s))
@@ -992,6 +1187,8 @@ def main(argv=None) -> int:
             return 0
         if args.batch_size < 1:
             raise EvalError("--batch-size must be >= 1")
+        if args.audit:
+            return _audit_cli(args)
         return _knn_cli(args) if args.knn else _evaluate_cli(args)
     except EvalError as e:
         msg = " ".join(str(e).split())

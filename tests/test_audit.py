@@ -207,3 +207,84 @@ def test_kmeans_cli_next_to_the_cluster_probe(short_run, tmp_path, capsys):
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert again["metrics"]["kmeans"]["confusion"] == doc["metrics"]["kmeans"]["confusion"]
     assert ev.main(["--summarize", str(short_run), "--kmeans"]) == 2        # only with --run / --official
+
+
+# ---------------------------------------------------------------------------
+# the audit table on fake released checkpoints
+
+from test_eval import _authors_format, _random_model  # noqa: E402
+
+
+def _fake_tree(tmp_path):
+    """checkpoints.tsv as download.sh writes it, with synthetic-data rows (test only) next to a real one:
+    a present fake authors' checkpoint, a missing file, a present file whose data is missing (junk bytes:
+    the data check comes before loading) and a corrupt checkpoint."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    torch.save(_authors_format(_random_model("vit_tiny_demo", 6, seed=11)), ck / "fake_synthetic.pth")
+    (ck / "ppap_cocostuff_vits16.pth").write_bytes(b"not read: the data is missing")
+    (ck / "broken_synthetic.pth").write_text("truncated")
+    rows = [("name", "file_id", "dataset", "arch", "patch"),
+            ("fake_synthetic.pth", "id-a", "synthetic", "vit_tiny_demo", "8"),
+            ("absent_synthetic.pth", "id-b", "synthetic", "vit_tiny_demo", "8"),
+            ("ppap_cocostuff_vits16.pth", "1U6fsOnZJev5gj6LTjtb8x1iPjzjy1nOX", "cocostuff", "vit_small", "16"),
+            ("broken_synthetic.pth", "id-c", "synthetic", "vit_tiny_demo", "8")]
+    (ck / "checkpoints.tsv").write_text("".join("\t".join(r) + "\n" for r in rows))
+    return ck
+
+
+def test_audit_table_on_fake_checkpoints(tmp_path, capsys, monkeypatch):
+    ck = _fake_tree(tmp_path)
+    nodata, out = tmp_path / "nodata", tmp_path / "audit"
+    monkeypatch.setitem(ev.PAPER_NUMBERS, ("synthetic", "vit_tiny_demo", 8),
+                        {"numbers": {"cluster/mIoU": 12.3}, "source": "a test entry"})
+    common = ["--limit", "4", "--batch-size", "4", "--device", "cpu", "--num-workers", "0", "--n-examples", "0"]
+    rc = ev.main(["--audit", "--checkpoints", str(ck), "--data-dir", str(nodata), "--out", str(out)] + common)
+    printed = capsys.readouterr().out
+    assert rc == 1                                              # the corrupt checkpoint is an error row
+    doc = json.loads((out / "audit.json").read_text())
+    by = {r["name"]: r for r in doc["rows"]}
+    assert [r["name"] for r in doc["rows"]] == ["fake_synthetic.pth", "absent_synthetic.pth",
+                                                 "ppap_cocostuff_vits16.pth", "broken_synthetic.pth"]
+    assert by["absent_synthetic.pth"]["status"] == "skipped"
+    assert by["absent_synthetic.pth"]["reason"] == f"file missing — run: bash download.sh checkpoints {ck}"
+    coco = by["ppap_cocostuff_vits16.pth"]
+    assert coco["status"] == "skipped" and f"run: bash download.sh cocostuff {nodata}" in coco["reason"]
+    assert coco["paper"] == {"cluster/mIoU": 26.5}              # the one number the project knows
+    assert by["broken_synthetic.pth"]["status"] == "error" and "cannot read checkpoint" in by["broken_synthetic.pth"]["reason"]
+    good = by["fake_synthetic.pth"]
+    assert good["status"] == "evaluated" and good["n_images"] == 4 and doc["limit"] == 4 and doc["crf"] is False
+    assert set(good["measured"]) == {"cluster", "linear"} and good["paper"] == {"cluster/mIoU": 12.3}
+    for line in ("skip absent_synthetic.pth: file missing", "skip ppap_cocostuff_vits16.pth: cocostuff val data missing"):
+        assert line in printed
+    # the numbers are those of `eval.py --official` on the same file (the same evaluation path)
+    assert ev.main(["--official", str(ck / "fake_synthetic.pth"), "--arch", "vit_tiny_demo", "--data", "synthetic",
+                    "--out", str(tmp_path / "one")] + common) == 0
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    for p in ("cluster", "linear"):
+        assert good["measured"][p] == {"Acc": one["metrics"][p]["Acc"], "mIoU": one["metrics"][p]["mIoU"]}
+    assert json.loads((out / "fake_synthetic" / "metrics.json").read_text())["kind"] == "official"
+    # the Markdown table: measured cells, the paper cell with its source mark, empty cells where unknown
+    md = (out / "audit.md").read_text()
+    head = next(l for l in md.splitlines() if l.startswith("| checkpoint"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols == ["checkpoint", "data", "backbone", "val images", "unsup. Acc", "unsup. mIoU", "linear Acc",
+                    "linear mIoU", "paper unsup. Acc", "paper unsup. mIoU", "paper linear Acc", "paper linear mIoU"]
+    row = next(l for l in md.splitlines() if l.startswith("| `fake_synthetic.pth`"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["`fake_synthetic.pth`", "synthetic", "vit_tiny_demo/8", "4"]
+    assert cells[5] == f"{one['metrics']['cluster']['mIoU']:.2f}"
+    assert cells[8:] == ["", "12.3 [1]", "", ""]
+    assert "[1] a test entry" in md and "Only the first 4 val images" in md
+    assert "- `absent_synthetic.pth` (synthetic, vit_tiny_demo/8): skipped: file missing" in md
+    assert "- `broken_synthetic.pth` (synthetic, vit_tiny_demo/8): error: " in md
+
+
+def test_audit_errors_are_one_line(tmp_path, capsys):
+    rc = ev.main(["--audit", "--checkpoints", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0] == f"error: no {tmp_path / 'checkpoints.tsv'} — run: bash download.sh checkpoints {tmp_path}"
+    (tmp_path / "checkpoints.tsv").write_text("name\tdataset\nx\ty\n")
+    assert ev.main(["--audit", "--checkpoints", str(tmp_path)]) == 2
+    assert "expected the header" in capsys.readouterr().err
