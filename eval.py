@@ -11,6 +11,8 @@ Command line
     python eval.py --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [--crf]
     python eval.py --run runs/x --kmeans [--kmeans-restarts 5] [--kmeans-samples 100000] [--kmeans-seed 0]
     python eval.py --summarize runs/a runs/b runs/c [--out DIR]
+    python eval.py --propagation --run runs/x [--limit N] [--batch-size B] [--anchors-seed 0] [--trained-features z]
+    python eval.py --propagation --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [...]
     python eval.py --audit [--checkpoints DIR] [--data-dir DIR] [--crf] [--out DIR] [--limit N] [--device ...]
     python eval.py --knn --data synthetic [--k 7] [--split train]
 
@@ -50,7 +52,8 @@ __all__ = [
     "probe_results", "load_crf", "image_to_uint8_bgr", "load_official", "official_state_dict",
     "map_official_keys", "plot_confusion", "plot_examples", "plot_knn", "palette", "write_outputs",
     "format_table", "summarize", "format_summary", "knn_table", "main", "spherical_kmeans", "fit_kmeans",
-    "evaluate_target", "audit", "read_manifest", "format_audit", "PAPER_NUMBERS",
+    "evaluate_target", "audit", "read_manifest", "format_audit", "PAPER_NUMBERS", "patch_labels",
+    "propagation_sums", "propagation_summary", "propagation_report", "plot_propagation", "format_propagation",
 ]
 
 # Dense-CRF hyper-parameters of the authors (utils/seg_utils.py).
@@ -803,6 +806,350 @@ def plot_knn(dataset, indices, path, n_queries: int = 6, k: int = 5, tile: int =
     return path
 
 
+# ==== PROPAGATION REPORT: the paper's central claim, measured with labels ====
+# The paper claims that moving the proxy anchor "gradually identifies more trustworthy positives" and that
+# the ambiguity zone keeps unreliable samples out of the negatives. On labelled val images we run the loss's
+# own propagation (ppap.propagate with its trace hook; no second implementation) for anchors drawn as in
+# training (ppap.draw_anchors, a seeded generator) and count, at every step t = 0..T, how many positives,
+# ambiguous samples and negatives an anchor gets and how many of them share its ground-truth label.
+
+PATCH_LABEL_RULE = ("patch (i, j) covers the val crop's pixels [i*p, (i+1)*p) x [j*p, (j+1)*p) (the pixels the "
+                    "ViT embeds into token (i, j); the val crop is not resized again); its label is the class of "
+                    "more than half of those p*p pixels, else -1 (mixed or mostly unlabelled, left out of every "
+                    "purity)")
+
+
+def patch_labels(label: torch.Tensor, patch: int, n_classes: int) -> torch.Tensor:
+    """[B,H,W] pixel labels (-1 or >= n_classes: unlabelled) -> [B,H/p,W/p] patch labels by PATCH_LABEL_RULE:
+    the class holding more than half of the patch's p*p pixels, else -1."""
+    B, H, W = label.shape
+    h, w = H // patch, W // patch
+    x = label[:, :h * patch, :w * patch].reshape(B, h, patch, w, patch).permute(0, 1, 3, 2, 4)
+    x = x.reshape(B * h * w, patch * patch).long()
+    x = torch.where((x >= 0) & (x < n_classes), x, n_classes)             # one bin for unlabelled pixels
+    key = torch.arange(B * h * w, device=x.device)[:, None] * (n_classes + 1) + x
+    counts = torch.bincount(key.reshape(-1), minlength=B * h * w * (n_classes + 1))
+    best, cls = counts.view(B * h * w, n_classes + 1)[:, :n_classes].max(1)
+    return torch.where(2 * best > patch * patch, cls, torch.full_like(cls, -1)).view(B, h, w)
+
+
+# Per-step sums over anchors (float64); propagation_summary turns them into means and purities.
+#   anchors, labelled_anchors      anchors, and those with a label
+#   no_positive                    anchors with an empty positive set (the loss skips them)
+#   pos / amb / neg                set sizes, every sample counted (the anchor itself is in none)
+#   *_labelled                     pairs in the set where anchor and sample both have a label
+#   pos_same, amb_same, neg_diff   of those, pairs with the same label (positives, ambiguous) or a different one
+#   phi, psi                       sums of the boundaries Phi_t, Psi_t
+#   pairs_labelled, pairs_same     every labelled (anchor, other sample) pair, and those with the same label:
+#                                  the purity a random set would have
+PROP_SUMS = ("anchors", "labelled_anchors", "no_positive", "pos", "pos_labelled", "pos_same", "amb",
+             "amb_labelled", "amb_same", "neg", "neg_labelled", "neg_diff", "phi", "psi", "pairs_labelled",
+             "pairs_same")
+PROP_HYPER = ("phi0", "psi0", "prop_iter", "sigma_pos", "sigma_amb", "no_ambiguity")
+
+
+@torch.no_grad()
+def propagation_sums(f: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, *, phi0, psi0, prop_iter,
+                     sigma_pos, sigma_amb, no_ambiguity=False, chunk_elems: int = 2 ** 24) -> dict:
+    """f [N,D] features (normalised here, as ppap_loss does), labels [N] patch labels (-1: none), rows [a]
+    anchor rows -> {name in PROP_SUMS: float64 tensor [T+1]} over the anchors, per propagation step.
+    Anchors go through ppap.propagate in chunks of about chunk_elems similarities (memory O(chunk))."""
+    f = F.normalize(f.detach().float(), dim=1)
+    labels = labels.to(f.device).long()
+    T = int(prop_iter)
+    sums = {k: torch.zeros(T + 1, dtype=torch.float64) for k in PROP_SUMS}
+    has_label = labels >= 0
+    per_chunk = max(1, chunk_elems // max(1, f.shape[0]))
+    for s in range(0, len(rows), per_chunk):
+        r = rows[s:s + per_chunk].to(f.device)
+        trace = []
+        ppap.propagate(f, r, phi0=phi0, psi0=psi0, prop_iter=T, sigma_pos=sigma_pos, sigma_amb=sigma_amb,
+                       no_ambiguity=no_ambiguity, trace=trace)
+        la = labels[r]
+        others = torch.ones(len(r), f.shape[0], dtype=torch.bool, device=f.device)
+        others[torch.arange(len(r), device=f.device), r] = False
+        labelled = has_label[None, :] & (la >= 0)[:, None] & others              # [a,N]
+        same = labelled & (labels[None, :] == la[:, None])
+        for t, st in enumerate(trace):
+            pos, neg = st["pos"], st["neg"]
+            amb = others & ~pos & ~neg
+            add = {"anchors": len(r), "labelled_anchors": (la >= 0).sum(), "no_positive": (~pos.any(1)).sum(),
+                   "pos": pos.sum(), "pos_labelled": (pos & labelled).sum(), "pos_same": (pos & same).sum(),
+                   "amb": amb.sum(), "amb_labelled": (amb & labelled).sum(), "amb_same": (amb & same).sum(),
+                   "neg": neg.sum(), "neg_labelled": (neg & labelled).sum(),
+                   "neg_diff": (neg & labelled & ~same).sum(), "phi": st["phi"].double().sum(),
+                   "psi": st["psi"].double().sum(), "pairs_labelled": labelled.sum(), "pairs_same": same.sum()}
+            for k, v in add.items():
+                sums[k][t] += float(v)
+    return sums
+
+
+def _pct(num: float, den: float):
+    return 100.0 * num / den if den > 0 else None
+
+
+def propagation_summary(sums: dict) -> dict:
+    """PROP_SUMS sums -> {'chance_purity': %, 'steps': [per t: Phi_t, Psi_t (means), positives, ambiguous,
+    negatives (mean set sizes per anchor), positive_purity, ambiguous_purity (% of labelled members sharing
+    the anchor's label), negative_purity (% of labelled negatives with another label), no_positive_anchors
+    (%)]}. Purities pool all labelled (anchor, sample) pairs; None where a set has no labelled member."""
+    s = {k: v.tolist() for k, v in sums.items()}
+    steps = []
+    for t in range(len(s["anchors"])):
+        n = s["anchors"][t]
+        mean = (lambda k: s[k][t] / n) if n else (lambda k: None)
+        steps.append({"t": t, "phi": mean("phi"), "psi": mean("psi"), "positives": mean("pos"),
+                      "positive_purity": _pct(s["pos_same"][t], s["pos_labelled"][t]),
+                      "ambiguous": mean("amb"), "ambiguous_purity": _pct(s["amb_same"][t], s["amb_labelled"][t]),
+                      "negatives": mean("neg"), "negative_purity": _pct(s["neg_diff"][t], s["neg_labelled"][t]),
+                      "no_positive_anchors": _pct(s["no_positive"][t], n)})
+    return {"chance_purity": _pct(s["pairs_same"][0], s["pairs_labelled"][0]) if s["anchors"] else None,
+            "steps": steps}
+
+
+FEATURE_SETS = {
+    "criterion": "the criterion branch: the frozen backbone's final-block features, normalised, exactly what "
+                 "Phi_0/Psi_0 act on in training; it does not depend on training, so it is the same for every "
+                 "run with this backbone (eval mode: without the training's Dropout2d)",
+    "z": "the run's trained projection z (unit rows), the space the contrastive loss pulls positives together "
+         "in: the same boundaries applied there show what training changed where the loss acts (they were "
+         "set for the criterion's similarities, so set sizes differ too)",
+    "code": "the run's trained code (head output, normalised): what the probes and k-means segment",
+}
+
+
+def _rows_of(out: dict, name: str) -> torch.Tensor:
+    """One feature set of a forward pass as [N,D] rows in the loss's order (image, then row-major patches)."""
+    if name == "z":
+        return out["z"]
+    x = out["crit" if name == "criterion" else name]
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+@torch.no_grad()
+def propagation_report(model, loader, device, hyper: dict, *, group: int, anchors_per_group: int, seed: int = 0,
+                       trained: str = "z", amp: torch.dtype | None = None, n_shown: int = 4,
+                       progress: bool = True) -> tuple[dict, dict | None]:
+    """Propagation statistics over the loader's batches for the criterion features and the trained ones.
+
+    Each batch is one set of contrast samples (N = B*h*w rows, as a training batch); its anchors are drawn
+    with ppap.draw_anchors from one torch.Generator seeded `seed` (the same rows for both feature sets).
+    hyper: PROP_HYPER values. -> (report dict, figure data from the first batch for plot_propagation)."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    names = ("criterion", trained)
+    sums = {k: {q: torch.zeros(int(hyper["prop_iter"]) + 1, dtype=torch.float64) for q in PROP_SUMS}
+            for k in names}
+    n_images = n_skipped = n_batches = 0
+    grid, figure = None, None
+    was_training = model.training
+    model.eval()                                  # no Dropout2d on the criterion features
+    try:
+        for batch in tqdm(loader, desc="propagation", leave=False, dynamic_ncols=True, disable=not progress):
+            img, label = ppap._unpack_batch(batch)
+            img = img.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = model(img)
+            out = {k: v.float() for k, v in out.items()}
+            B, _, h, w = out["crit"].shape
+            N = B * h * w
+            if N < group:                         # a short last batch has no full anchor group
+                n_skipped += B
+                continue
+            grid = (h, w)
+            anchors = ppap.draw_anchors(N, group, anchors_per_group, generator=g)
+            rows = (anchors + torch.arange(anchors.shape[0])[:, None] * group).reshape(-1).to(device)
+            labels = patch_labels(label.to(device).long(), model.patch_size, int(model.n_classes)).reshape(-1)
+            for k in names:
+                for q, v in propagation_sums(_rows_of(out, k), labels, rows, **hyper).items():
+                    sums[k][q] += v
+            if figure is None:
+                figure = _figure_data(img, labels.view(B, h, w), rows, _rows_of(out, "criterion"), hyper, n_shown)
+            n_images += B
+            n_batches += 1
+    finally:
+        model.train(was_training)
+    if n_batches == 0:
+        raise EvalError(f"no batch has a full anchor group of {group} patches; raise --batch-size")
+    report = {"n_images": n_images, "skipped_images": n_skipped, "batches": n_batches, "grid": list(grid),
+              "anchors_seed": seed, "group": group, "anchors_per_group": anchors_per_group,
+              "n_anchors": int(sums["criterion"]["anchors"][0]),
+              "n_labelled_anchors": int(sums["criterion"]["labelled_anchors"][0]),
+              "hyper": dict(hyper), "patch_label_rule": PATCH_LABEL_RULE,
+              "feature_sets": {k: {"description": FEATURE_SETS[k], **propagation_summary(sums[k]),
+                                   "sums": {q: v.tolist() for q, v in sums[k].items()}} for k in names}}
+    return report, figure
+
+
+def _figure_data(img, labels, rows, f, hyper, n_shown, max_images=6):
+    """The first batch's picture: up to n_shown labelled anchors among the first images, in the drawn order,
+    preferring anchors with positives at T and distinct classes, with their positives at t = 0 and t = T and
+    their ambiguity zone at T, from the criterion features through ppap.propagate's trace."""
+    B, h, w = labels.shape
+    shown_images = min(B, max_images)
+    flat = labels.reshape(-1)
+    cand = [int(r) for r in rows.tolist() if int(r) // (h * w) < shown_images and int(flat[r]) >= 0]
+    if not cand:
+        return None
+    trace = []
+    ppap.propagate(F.normalize(f.float(), dim=1), torch.tensor(cand, device=f.device), **hyper, trace=trace)
+    has_pos = trace[-1]["pos"].any(1).tolist()
+    picked, classes = [], set()
+    for want_new_class in (True, False):
+        for i, r in enumerate(cand):
+            if len(picked) < n_shown and has_pos[i] and i not in picked and \
+                    (int(flat[r]) not in classes or not want_new_class):
+                picked.append(i)
+                classes.add(int(flat[r]))
+    picked += [i for i in range(len(cand)) if i not in picked][:n_shown - len(picked)]
+    first, last = trace[0], trace[-1]
+    sel = torch.tensor(picked, device=first["pos"].device)
+    return {"images": ppap.to_uint8_rgb(img[:shown_images]).cpu().numpy(), "labels": labels[:shown_images].cpu(),
+            "anchors": [cand[i] for i in picked], "grid": (h, w), "T": len(trace) - 1,
+            "pos0": first["pos"][sel].cpu(), "posT": last["pos"][sel].cpu(),
+            "ambT": (~last["pos"] & ~last["neg"])[sel].cpu(), "labels_all": flat.cpu()}
+
+
+_PROP_COLOURS = {"kept": (40, 200, 60), "gained": (30, 120, 255), "lost": (235, 40, 200),
+                 "ambiguous": (255, 200, 0), "anchor": (255, 0, 0)}
+
+
+def plot_propagation(fig: dict, class_names, path: str, tile: int = 120) -> str:
+    """PNG: for each shown anchor two rows over the first images of the batch: (1) the image dimmed, with
+    the anchor's positives kept from t = 0 to T (green), gained by propagation (blue), lost (magenta), its
+    ambiguity zone at T (yellow) and the anchor (red box); (2) the patch labels: patches with the anchor's
+    label bright, other labels dark, patches without a label black. Criterion features, eval mode."""
+    from PIL import Image, ImageDraw
+    images, (h, w), n_img, T = fig["images"], fig["grid"], len(fig["images"]), fig["T"]
+    font = _font(12)
+    pad, left, head = 4, 230, 40
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title = (f"Proxy anchor propagation on the criterion features (frozen backbone, eval mode): positives at "
+             f"t = 0 and t = T = {T}, ambiguity zone at T")
+    foot = ("Top row per anchor: the batch's first images, dimmed, with the anchor's sets. Bottom row: patch "
+            "labels (bright = the anchor's label, dark = another, black = no label).")
+    legend = (("kept", "positive at t = 0 and T"), ("gained", f"gained by t = {T}"), ("lost", "positive at t = 0 only"),
+              ("ambiguous", "ambiguity zone at T"), ("anchor", "anchor"))
+    legend_w = sum(22 + _text_size(probe, label, font)[0] for _, label in legend)
+    W = max(left + n_img * (tile + pad) + pad, 2 * pad + max(_text_size(probe, t, font)[0] for t in (title, foot)),
+            2 * pad + legend_w)
+    H = head + len(fig["anchors"]) * (2 * (tile + pad) + 10) + 24
+    canvas = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(canvas)
+    d.text((pad, 4), title, fill="black", font=font)
+    x = pad
+    for key, label in legend:
+        d.rectangle([x, 22, x + 11, 33], fill=_PROP_COLOURS[key])
+        d.text((x + 15, 21), label, fill="black", font=font)
+        x += 22 + _text_size(d, label, font)[0]
+    labels_all, hw = fig["labels_all"], h * w
+    Hi, Wi = images.shape[1:3]
+    up = lambda a: np.repeat(np.repeat(a, Hi // h, 0), Wi // w, 1)       # patch grid -> pixels
+    for ai, r in enumerate(fig["anchors"]):
+        y0 = head + ai * (2 * (tile + pad) + 10)
+        lab = int(labels_all[r])
+        name = class_names[lab] if 0 <= lab < len(class_names) else str(lab)
+        p0, pT, zT = fig["pos0"][ai], fig["posT"][ai], fig["ambT"][ai]
+
+        def purity(m):
+            m = m & (labels_all >= 0)
+            return f"{100.0 * float((labels_all[m] == lab).sum()) / int(m.sum()):.0f}% same label" if m.any() else "n/a"
+        text = [f"anchor {ai + 1}: '{name}'", f"image {r // hw + 1}, patch ({(r % hw) // w}, {r % w})",
+                f"t = 0: {int(p0.sum())} positives ({purity(p0)})", f"t = {T}: {int(pT.sum())} positives ({purity(pT)})",
+                f"ambiguity zone: {int(zT.sum())} ({purity(zT)})", "(counts over the whole batch)"]
+        for i, t in enumerate(text):
+            d.text((pad, y0 + 4 + 15 * i), t, fill="black", font=font)
+        d.text((pad, y0 + tile + pad + 4), "patch labels", fill=(80, 80, 80), font=font)
+        for b in range(n_img):
+            sl = slice(b * hw, (b + 1) * hw)
+            over = np.zeros((h, w, 3), np.float32)
+            alpha = np.zeros((h, w, 1), np.float32)
+            for m, key in ((zT[sl], "ambiguous"), (p0[sl] & ~pT[sl], "lost"), (~p0[sl] & pT[sl], "gained"),
+                           (p0[sl] & pT[sl], "kept")):
+                m = m.view(h, w).numpy()
+                over[m], alpha[m] = _PROP_COLOURS[key], 0.65
+            sets = images[b] * 0.45 * (1 - up(alpha)) + up(over) * up(alpha)
+            lab_grid = fig["labels"][b].numpy()
+            bright = np.where(lab_grid == lab, 1.0, np.where(lab_grid >= 0, 0.25, 0.0))[..., None]
+            xb = left + b * (tile + pad)
+            for yy, arr in ((y0, sets), (y0 + tile + pad, images[b] * up(bright))):
+                canvas.paste(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST),
+                             (xb, yy))
+            if r // hw == b:                          # the anchor: a red box with a white rim
+                py, px = (r % hw) // w, r % w
+                sy, sx = tile / h, tile / w
+                box = [xb + px * sx - 2, y0 + py * sy - 2, xb + (px + 1) * sx + 1, y0 + (py + 1) * sy + 1]
+                d.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], outline="white", width=1)
+                d.rectangle(box, outline=_PROP_COLOURS["anchor"], width=2)
+    d.text((pad, H - 18), foot, fill=(80, 80, 80), font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def format_propagation(report: dict) -> str:
+    """The printed table: one block per feature set, one line per step t."""
+    hy = report["hyper"]
+    lines = [f"{report['n_images']} val images in {report['batches']} batch(es) of {report['batch_size']} "
+             f"({report['grid'][0]}x{report['grid'][1]} patches each), {report['n_anchors']} anchors "
+             f"({report['n_labelled_anchors']} labelled; {report['anchors_per_group']} per group of "
+             f"{report['group']}, seed {report['anchors_seed']})",
+             f"Phi0 {hy['phi0']}  Psi0 {hy['psi0']}  T {hy['prop_iter']}  sigma_pos {hy['sigma_pos']}  "
+             f"sigma_amb {hy['sigma_amb']}" + ("  no ambiguity zone" if hy["no_ambiguity"] else "")
+             + f"  ({report['hyper_source']})",
+             "set sizes: mean per anchor over the batch's patches; purity: % of labelled members with the "
+             "anchor's label (negatives: with another label)"]
+    for name, fs in report["feature_sets"].items():
+        lines += ["", f"[{name}] {fs['description']}",
+                  f"  chance purity (a random set): {_fmt(fs['chance_purity'], 0).strip()}%",
+                  f"  {'t':>2} {'Phi_t':>7} {'Psi_t':>7} {'positives':>10} {'purity':>7} {'ambiguous':>10} "
+                  f"{'purity':>7} {'negatives':>10} {'purity':>7} {'no pos.':>8}"]
+        for st in fs["steps"]:
+            lines.append(f"  {st['t']:>2} {st['phi']:>7.3f} {st['psi']:>7.3f} "
+                         f"{_fmt(st['positives'], 10)} {_fmt(st['positive_purity'], 7)} "
+                         f"{_fmt(st['ambiguous'], 10)} {_fmt(st['ambiguous_purity'], 7)} "
+                         f"{_fmt(st['negatives'], 10)} {_fmt(st['negative_purity'], 7)} "
+                         f"{_fmt(st['no_positive_anchors'], 7)}%")
+    return "\n".join(lines)
+
+
+def _propagation_cli(args) -> int:
+    t0 = time.time()
+    device = ppap.pick_device(args.device)
+    model, cfg, info = _load_target(args)
+    cfg = _eval_cfg(cfg, args)
+    loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
+    if int(model.n_classes) != n_classes:
+        raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
+    if info["class_names"] and len(info["class_names"]) == n_classes:
+        names = list(info["class_names"])
+    per_batch = min(args.batch_size, len(loader.dataset)) * (cfg.val_size // cfg.patch) ** 2
+    if per_batch < cfg.group:                      # before any forward pass
+        raise EvalError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
+                        f"fewer than one anchor group ({cfg.group}); raise --batch-size (or --limit)")
+    hyper = {k: getattr(cfg, k) for k in PROP_HYPER}
+    report, fig = propagation_report(model.to(device), loader, device, hyper, group=cfg.group,
+                                     anchors_per_group=cfg.group // cfg.trainpatchsplit, seed=args.anchors_seed,
+                                     trained=args.trained_features, amp=ppap.amp_dtype(cfg, device))
+    out_dir = _out_dir(args, info, "propagation")
+    png = plot_propagation(fig, names, os.path.join(out_dir, "propagation.png")) if fig else None
+    report.update({
+        "checkpoint": os.path.abspath(info["checkpoint"]), "kind": info["kind"], "selection": info["selection"],
+        "data": cfg.data, "limit": args.limit or None, "batch_size": args.batch_size,
+        "hyper_source": "the run's config" if info["kind"] == "run"
+        else f"the {cfg.data} preset for {cfg.arch}/{cfg.patch} (ppap.PRESETS)",
+        "trainpatchsplit": cfg.trainpatchsplit, "mode": "eval (no Dropout2d on the criterion features)",
+        "figure": os.path.basename(png) if png else None, "git_commit": ppap.git_commit(), "device": str(device),
+        "torch": torch.__version__, "seconds": round(time.time() - t0, 2)})
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "propagation.json")
+    ppap.atomic_write(path, lambda p: ppap.write_json(p, _nan_to_none(report), indent=1))
+    print(f"{info['kind']} {info['checkpoint']} ({info['selection']}) on {cfg.data} val, device {device}")
+    print(format_propagation(report))
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
 # ==== AUDIT: the authors' released checkpoints against the paper ====
 
 # The paper's numbers (Seong, Moon, Lee, Heo, "Progressive Proxy Anchor Propagation for Unsupervised Semantic
@@ -1137,6 +1484,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(table + knn.png)")
     g.add_argument("--audit", action="store_true", help="evaluate every released checkpoint listed in "
                    "--checkpoints/checkpoints.tsv whose file and data are present; audit.md + audit.json")
+    p.add_argument("--propagation", action="store_true", help="with --run/--official: proxy anchor "
+                   "propagation statistics per step t = 0..T on labelled val images (propagation.json + .png)")
+    p.add_argument("--anchors-seed", type=int, default=0, help="seed of the anchors for --propagation")
+    p.add_argument("--trained-features", default="z", choices=("z", "code"),
+                   help="the trained feature set --propagation reports next to the criterion's (default z)")
     p.add_argument("--checkpoints", default=None, help="for --audit: folder of `bash download.sh checkpoints` "
                    "(default $PPAP_CHECKPOINTS or ./checkpoints)")
     p.add_argument("--data", default=None, help="data set (default: the run's; cocostuff for --official)")
@@ -1176,6 +1528,10 @@ def main(argv=None) -> int:
             raise EvalError("--kmeans-restarts and --kmeans-samples must be >= 1")
         if args.kmeans and not (args.run or args.official or args.audit):
             raise EvalError("--kmeans goes with --run, --official or --audit")
+        if args.propagation and not (args.run or args.official):
+            raise EvalError("--propagation goes with --run or --official")
+        if args.propagation and (args.crf or args.kmeans):
+            raise EvalError("--propagation reports on the loss's sets; evaluate with --crf/--kmeans separately")
         if args.summarize:
             s = summarize(args.summarize)
             print(format_summary(s))
@@ -1189,6 +1545,8 @@ def main(argv=None) -> int:
             raise EvalError("--batch-size must be >= 1")
         if args.audit:
             return _audit_cli(args)
+        if args.propagation:
+            return _propagation_cli(args)
         return _knn_cli(args) if args.knn else _evaluate_cli(args)
     except EvalError as e:
         msg = " ".join(str(e).split())

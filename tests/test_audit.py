@@ -27,9 +27,9 @@ def brute_force_sets(f, anchor, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, 
     the anchor too when it is above it (always at t = 0); Phi_t = Phi_{t-1} - (1 - cos(v_{t-1}, v_t)) / sigma_pos, Psi_t likewise
     upwards with sigma_amb; Phi and Psi start from their fp16 roundings, P_0 uses the exact Phi_0."""
     N = len(f)
-    rows = [f[j].double() for j in range(N)]
-    v = rows[anchor]
-    sims = [float(v @ rows[j]) for j in range(N)]
+    f64 = f.double()
+    v = f64[anchor]
+    sims = (f64 @ v).tolist()
     inside = [j for j in range(N) if sims[j] > phi0]
     phi_used, phi, psi = phi0, _fp16(phi0), _fp16(psi0)
     steps = []
@@ -45,14 +45,14 @@ def brute_force_sets(f, anchor, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, 
 
     record()
     for _ in range(prop_iter):
-        total = sum((rows[j] for j in inside), torch.zeros_like(v))
+        total = f64[inside].sum(0)
         v_new = total / total.norm()
         moved = 1.0 - float(v @ v_new) / float(v.norm() * v_new.norm())
         psi += moved / sigma_amb
         phi -= moved / sigma_pos
         phi_used = phi
         v = v_new
-        sims = [float(v @ rows[j]) for j in range(N)]
+        sims = (f64 @ v).tolist()
         inside = [j for j in range(N) if sims[j] > phi]
         record()
     return steps
@@ -288,3 +288,178 @@ def test_audit_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "checkpoints.tsv").write_text("name\tdataset\nx\ty\n")
     assert ev.main(["--audit", "--checkpoints", str(tmp_path)]) == 2
     assert "expected the header" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# propagation report
+
+import numpy as np  # noqa: E402
+
+
+def test_patch_labels_majority_rule():
+    lab = torch.tensor([[[3, 3, 3, -1, 1, 1, 1, 1],
+                         [3, 3, -1, -1, 1, 1, 1, 1],
+                         [5, 3, 0, 0, 2, 2, 1, 1],      # 5 >= n_classes: an unlabelled pixel
+                         [3, 3, 0, 4, 2, 2, 1, 1]]])
+    # p = 2: patch (i, j) is rows 2i, 2i+1 and columns 2j, 2j+1
+    assert ev.patch_labels(lab, 2, 5)[0].tolist() == [
+        [3, -1, 1, 1],      # (0,1): one pixel of class 3, three unlabelled -> no label
+        [3, 0, 2, 1]]       # (1,0): 3 of 4 pixels class 3 (one unlabelled); (1,1): 3 of 4 class 0
+    # p = 4: the left patch has 8 of 16 pixels of class 3, not more than half -> no label; right: 12 of 16 class 1
+    assert ev.patch_labels(lab, 4, 5)[0].tolist() == [[-1, 1]]
+    tie = torch.tensor([[[1, 1], [2, 2]]])
+    assert ev.patch_labels(tie, 2, 3)[0].tolist() == [[-1]]
+
+
+def brute_force_sums(f, labels, anchors, **kw):
+    """PROP_SUMS from brute_force_sets and Python loops over the labels."""
+    T = kw["prop_iter"]
+    out = {k: [0.0] * (T + 1) for k in ev.PROP_SUMS}
+    labels = labels.tolist()
+    for a in anchors:
+        la = labels[a]
+        for t, st in enumerate(brute_force_sets(f, a, **kw)):
+            o = out
+            o["anchors"][t] += 1
+            o["labelled_anchors"][t] += la >= 0
+            o["no_positive"][t] += not st["pos"]
+            o["phi"][t] += st["phi"]
+            o["psi"][t] += st["psi"]
+            for key, members in (("pos", st["pos"]), ("amb", st["amb"]), ("neg", st["neg"])):
+                o[key][t] += len(members)
+                lab = [j for j in members if la >= 0 and labels[j] >= 0]
+                o[key + "_labelled"][t] += len(lab)
+                if key == "neg":
+                    o["neg_diff"][t] += sum(labels[j] != la for j in lab)
+                else:
+                    o[key + "_same"][t] += sum(labels[j] == la for j in lab)
+            others = [j for j in range(len(labels)) if j != a and la >= 0 and labels[j] >= 0]
+            o["pairs_labelled"][t] += len(others)
+            o["pairs_same"][t] += sum(labels[j] == la for j in others)
+    return out
+
+
+def test_propagation_statistics_by_hand():
+    """test_loss's hand-built batch: cosines to the anchor e1 are 0.9, 0.9, 0.4, 0.0, 0.0, 0.1, 0.3, so with
+    Phi0 = 0.55, Psi0 = 0.2: positives {1, 2}, ambiguous {3, 7}, negatives {4, 5, 6}."""
+    from test_loss import hand_features
+    f = hand_features()
+    labels = torch.tensor([0, 0, 1, 0, 1, 2, -1, 0])
+    sums = ev.propagation_sums(f, labels, torch.tensor([0]), prop_iter=0, **COCO)
+    got = {k: v[0].item() for k, v in sums.items()}
+    assert got == {"anchors": 1, "labelled_anchors": 1, "no_positive": 0,
+                   "pos": 2, "pos_labelled": 2, "pos_same": 1,               # 1 (class 0) yes, 2 (class 1) no
+                   "amb": 2, "amb_labelled": 2, "amb_same": 2,               # 3 and 7 are class 0
+                   "neg": 3, "neg_labelled": 2, "neg_diff": 2,               # 6 has no label
+                   "phi": pytest.approx(0.55), "psi": pytest.approx(_fp16(0.2)),
+                   "pairs_labelled": 6, "pairs_same": 3}                     # 1..7 but 6; 1, 3, 7 share class 0
+    summary = ev.propagation_summary(sums)
+    assert summary["chance_purity"] == 50.0
+    assert summary["steps"] == [{"t": 0, "phi": pytest.approx(0.55), "psi": pytest.approx(_fp16(0.2)),
+                                 "positives": 2.0, "positive_purity": 50.0, "ambiguous": 2.0,
+                                 "ambiguous_purity": 100.0, "negatives": 3.0, "negative_purity": 100.0,
+                                 "no_positive_anchors": 0.0}]
+    # an unlabelled anchor counts in the set sizes but in no purity
+    sums = ev.propagation_sums(f, torch.tensor([-1, 0, 1, 0, 1, 2, -1, 0]), torch.tensor([0]), prop_iter=0, **COCO)
+    assert sums["pos"][0] == 2 and sums["pos_labelled"][0] == 0 and sums["pairs_labelled"][0] == 0
+    assert ev.propagation_summary(sums)["steps"][0]["positive_purity"] is None
+
+
+@pytest.mark.parametrize("no_ambiguity", [False, True])
+def test_propagation_statistics_equal_brute_force_with_propagation(no_ambiguity):
+    f, labels = cluster_features(seed=3)
+    anchors = [0, 4, 7, 11, 12, 14, 16]                    # 12 and 16 are unlabelled
+    kw = dict(COCO, prop_iter=3, no_ambiguity=no_ambiguity)
+    want = brute_force_sums(f, labels, anchors, **kw)
+    for chunk in (2 ** 24, 2 * len(f)):                     # one chunk, and two anchors per chunk
+        got = ev.propagation_sums(f, labels, torch.tensor(anchors), chunk_elems=chunk, **kw)
+        for k in ev.PROP_SUMS:
+            assert got[k].tolist() == pytest.approx(want[k], abs=1e-5), k
+    # the sets do change with t here (the test is about propagation, not only t = 0)
+    assert len({tuple(map(float, (got["pos"][t], got["amb"][t], got["neg"][t]))) for t in range(4)}) > 1
+
+
+def _majority_labels(label, p):
+    """PATCH_LABEL_RULE with numpy loops."""
+    B, H, W = label.shape
+    out = np.full((B, H // p, W // p), -1)
+    for b in range(B):
+        for i in range(H // p):
+            for j in range(W // p):
+                px = label[b, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(-1)
+                px = px[px >= 0]
+                if px.size:
+                    counts = np.bincount(px)
+                    if 2 * counts.max() > p * p:
+                        out[b, i, j] = counts.argmax()
+    return out
+
+
+def test_propagation_report_on_a_short_run(short_run, tmp_path, capsys):
+    from PIL import Image
+    out = tmp_path / "prop"
+    rc = ev.main(["--propagation", "--run", str(short_run), "--limit", "8", "--batch-size", "4", "--device", "cpu",
+                  "--num-workers", "0", "--anchors-seed", "3", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "[criterion]" in printed and "[z]" in printed and "Phi_t" in printed
+    doc = json.loads((out / "propagation.json").read_text())
+    im = Image.open(out / doc["figure"])
+    assert im.format == "PNG" and im.width > 4 * 120 and im.height > 2 * 120
+    assert doc["n_images"] == 8 and doc["batches"] == 2 and doc["grid"] == [14, 14] and doc["kind"] == "run"
+    assert doc["hyper"] == {"phi0": 0.75, "psi0": 0.35, "prop_iter": 2, "sigma_pos": 3.0, "sigma_amb": 3.0,
+                            "no_ambiguity": False}                   # the run's config (the synthetic preset)
+    assert doc["group"] == 784 and doc["anchors_per_group"] == 49 and doc["n_anchors"] == 2 * 49
+    assert "eval" in doc["mode"] and "same for every run" in doc["feature_sets"]["criterion"]["description"]
+    # brute force from the same model, images and anchors
+    model, cfg, _ = ppap.load_run(str(short_run))
+    model.eval()
+    ds = ppap.SyntheticDataset("val", cfg.val_size)
+    g = torch.Generator().manual_seed(3)
+    kw = {k: doc["hyper"][k] for k in ev.PROP_HYPER}
+    want = {"criterion": None, "z": None}
+    for start in (0, 4):
+        items = [ds[i] for i in range(start, start + 4)]
+        img = torch.stack([it["img"] for it in items])
+        label = torch.stack([it["label"] for it in items]).numpy()
+        with torch.no_grad():
+            o = model(img)
+        N = img.shape[0] * 14 * 14
+        anchors = ppap.draw_anchors(N, 784, 49, generator=g)
+        rows = (anchors + torch.arange(anchors.shape[0])[:, None] * 784).reshape(-1).tolist()
+        labels = torch.from_numpy(_majority_labels(label, 8).reshape(-1))
+        assert torch.equal(ev.patch_labels(torch.from_numpy(label), 8, 6).reshape(-1), labels)
+        feats = {"criterion": F.normalize(o["crit"].permute(0, 2, 3, 1).reshape(N, -1), dim=1), "z": o["z"]}
+        for name, f in feats.items():
+            bf = brute_force_sums(f, labels, rows, **kw)
+            want[name] = bf if want[name] is None else {k: [a + b for a, b in zip(want[name][k], bf[k])] for k in bf}
+    for name in want:
+        got = doc["feature_sets"][name]["sums"]
+        for k in ev.PROP_SUMS:
+            # float32 (the loss) against float64 (here): a pair right at a boundary may flip; none did when
+            # this was written, and a flip moves a sum by 1 in thousands
+            assert got[k] == pytest.approx(want[name][k], rel=1e-3, abs=1e-4), (name, k)
+        summary = ev.propagation_summary({k: torch.tensor(v, dtype=torch.float64) for k, v in got.items()})
+        assert doc["feature_sets"][name]["steps"] == summary["steps"]
+        assert len(doc["feature_sets"][name]["steps"]) == 3
+
+
+def test_propagation_report_official_uses_the_preset(tmp_path, capsys):
+    path = tmp_path / "authors.pth"
+    torch.save(_authors_format(_random_model("vit_tiny_demo", 6, seed=12)), path)
+    common = ["--official", str(path), "--arch", "vit_tiny_demo", "--data", "synthetic", "--limit", "4",
+              "--device", "cpu", "--num-workers", "0"]
+    assert ev.main(["--propagation", "--batch-size", "4", "--out", str(tmp_path / "p")] + common) == 0
+    doc = json.loads((tmp_path / "p" / "propagation.json").read_text())
+    preset = ppap.PRESETS[("synthetic", "vit_tiny_demo", 8)]
+    assert {k: doc["hyper"][k] for k in ("phi0", "psi0", "prop_iter")} == \
+        {k: preset[k] for k in ("phi0", "psi0", "prop_iter")}
+    assert "preset" in doc["hyper_source"] and doc["kind"] == "official"
+    capsys.readouterr()
+
+    def one_error(argv):
+        assert ev.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")
+        return err[0]
+    assert "raise --batch-size" in one_error(["--propagation", "--batch-size", "2"] + common)   # 392 < 784 rows
+    assert "--propagation goes with --run or --official" in one_error(["--summarize", "x", "--propagation"])
