@@ -1,8 +1,9 @@
 """Evaluation of PPAP runs and of the authors' released checkpoints, on top of ppap.py.
 
 ppap.py holds what training needs to validate (confusion matrices, Hungarian scores, the evaluation
-loop); this script adds the dense CRF, the authors' checkpoints, reports, plots, seed summaries and the
-kNN image table.
+loop); this script adds the dense CRF, the authors' checkpoints, reports, plots, seed summaries, the
+kNN image table, and the audit kit: the released checkpoints against the paper's numbers (--audit), the
+propagation statistics behind the paper's claim (--propagation) and a k-means view of the code (--kmeans).
 
 Command line
 ------------
@@ -26,6 +27,8 @@ Importable API (no side effects on import):
     official_state_dict(model) -> dict in the authors' checkpoint format
     load_crf(device) -> ext.dense_crf, or EvalError("CRF unavailable: ...")
     knn_table(cfg, split, k) -> path of {'indices', 'values'}
+    audit(args) -> audit.json dict; read_manifest(dir); PAPER_NUMBERS (the paper's numbers, with sources)
+    propagation_sums(f, labels, rows, **hyper), propagation_summary(sums), patch_labels(label, p, C)
     EvalError is ppap.PPAPError: a one-line user-facing error (CLI: exit code 2)
 """
 from __future__ import annotations
@@ -1475,7 +1478,8 @@ def _knn_cli(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate PPAP checkpoints (the authors' evaluation protocol), "
-                                            "summarise seeds, or build kNN image tables.")
+                                            "audit the released ones, measure propagation, summarise seeds, "
+                                            "or build kNN image tables.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", help="run directory or checkpoint .pt of ours")
     g.add_argument("--official", help="authors' released checkpoint (.pth)")
