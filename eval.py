@@ -1,26 +1,34 @@
 """Evaluation of PPAP runs and of the authors' released checkpoints, on top of ppap.py.
 
 ppap.py holds what training needs to validate (confusion matrices, Hungarian scores, the evaluation
-loop); this script adds the dense CRF, the authors' checkpoints, reports, plots, seed summaries and the
-kNN image table.
+loop); this script adds the dense CRF, the authors' checkpoints, reports, plots, seed summaries, the
+kNN image table, and the audit kit: the released checkpoints against the paper's numbers (--audit), the
+propagation statistics behind the paper's claim (--propagation) and a k-means view of the code (--kmeans).
 
 Command line
 ------------
     python eval.py --run runs/x [--data ...] [--data-dir ...] [--crf] [--out DIR]
                    [--device auto] [--batch-size 8] [--limit N]
     python eval.py --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [--crf]
+    python eval.py --run runs/x --kmeans [--kmeans-restarts 5] [--kmeans-samples 100000] [--kmeans-seed 0]
     python eval.py --summarize runs/a runs/b runs/c [--out DIR]
+    python eval.py --propagation --run runs/x [--limit N] [--batch-size B] [--anchors-seed 0] [--trained-features z]
+    python eval.py --propagation --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [...]
+    python eval.py --audit [--checkpoints DIR] [--data-dir DIR] [--crf] [--out DIR] [--limit N] [--device ...]
     python eval.py --knn --data synthetic [--k 7] [--split train]
 
 Importable API (no side effects on import):
 
     confusion_update, scores                    ppap.py's metrics (the authors' UnsupervisedMetrics)
-    evaluate_model(model, loader, device, crf=False, amp=None) -> flat dict
+    evaluate_model(model, loader, device, crf=False, amp=None, kmeans_centroids=None) -> flat dict
         (cluster_mIoU, cluster_Acc, linear_mIoU, ..., *_IoU lists, *_confusion lists)
+    fit_kmeans(model, loader, device) -> (centroids [K,D], info); spherical_kmeans(x, k) (k-means diagnostic)
     load_official(path, arch, patch, n_classes=None) -> PPAP model (eval mode, CPU)
     official_state_dict(model) -> dict in the authors' checkpoint format
     load_crf(device) -> ext.dense_crf, or EvalError("CRF unavailable: ...")
     knn_table(cfg, split, k) -> path of {'indices', 'values'}
+    audit(args) -> audit.json dict; read_manifest(dir); PAPER_NUMBERS (the paper's numbers, with sources)
+    propagation_sums(f, labels, rows, **hyper), propagation_summary(sums), patch_labels(label, p, C)
     EvalError is ppap.PPAPError: a one-line user-facing error (CLI: exit code 2)
 """
 from __future__ import annotations
@@ -47,7 +55,9 @@ __all__ = [
     "EvalError", "PROBES", "OFFICIAL_KEYS", "confusion_update", "scores", "evaluate_model",
     "probe_results", "load_crf", "image_to_uint8_bgr", "load_official", "official_state_dict",
     "map_official_keys", "plot_confusion", "plot_examples", "plot_knn", "palette", "write_outputs",
-    "format_table", "summarize", "format_summary", "knn_table", "main",
+    "format_table", "summarize", "format_summary", "knn_table", "main", "spherical_kmeans", "fit_kmeans",
+    "evaluate_target", "audit", "read_manifest", "format_audit", "PAPER_NUMBERS", "patch_labels",
+    "propagation_sums", "propagation_summary", "propagation_report", "plot_propagation", "format_propagation",
 ]
 
 # Dense-CRF hyper-parameters of the authors (utils/seg_utils.py).
@@ -126,13 +136,13 @@ def _crf_argmax(dense_crf, img_u8, logits):
 
 # ==== EVALUATION ====
 
-PROBES = ("cluster", "linear", "cluster_crf", "linear_crf")
+PROBES = ("cluster", "linear", "kmeans", "cluster_crf", "linear_crf")
 
 
 def crf_refiner(dense_crf, device=None):
     """ppap.evaluate's refine hook: dense CRF on softmax(linear logits) and on softmax(2 * cosine scores),
     image as BGR uint8 (the authors' batched_crf), computed on `device` (default: the image's)."""
-    def refine(img, linear_logits, inner):
+    def refine(img, linear_logits, inner, code=None):
         img_u8 = image_to_uint8_bgr(img).to(device or img.device)
         linear = _crf_argmax(dense_crf, img_u8, linear_logits)
         return {"cluster_crf": _crf_argmax(dense_crf, img_u8, CLUSTER_CRF_ALPHA * inner.float()),
@@ -140,16 +150,141 @@ def crf_refiner(dense_crf, device=None):
     return refine
 
 
+def _chain(refiners):
+    """Several refine hooks as one (None if there are none): their predictions merged."""
+    refiners = [r for r in refiners if r is not None]
+    if not refiners:
+        return None
+
+    def refine(img, linear_logits, inner, code):
+        out = {}
+        for r in refiners:
+            out.update(r(img, linear_logits, inner, code))
+        return out
+    return refine
+
+
 def evaluate_model(model, loader, device, crf=False, amp: torch.dtype | None = None, n_examples: int = 0,
-                   progress: bool = True, desc: str = "eval", dense_crf=None, crf_on=None) -> dict:
+                   progress: bool = True, desc: str = "eval", dense_crf=None, kmeans_centroids=None,
+                   crf_on=None) -> dict:
     """ppap.evaluate (no CRF, cluster and linear probes) plus, with crf=True, the CRF-refined predictions
-    of both probes from the same pass, so "no CRF" and "CRF" scores come back together. ``amp``: autocast
-    dtype or None (fp32); ``crf_on``: the CRF's device (default: the evaluation's). See ppap.evaluate for
-    the returned dict."""
+    of both probes from the same pass, so "no CRF" and "CRF" scores come back together, and with
+    ``kmeans_centroids`` [K,D] (see fit_kmeans) the 'kmeans' probe, scored like the cluster probe. ``amp``:
+    autocast dtype or None (fp32); ``crf_on``: the CRF's device (default: the evaluation's). See
+    ppap.evaluate for the returned dict."""
     if crf and dense_crf is None:
         dense_crf = load_crf(crf_on or device)
-    return ppap.evaluate(model, loader, device, amp=amp, refine=crf_refiner(dense_crf, crf_on) if crf else None,
-                         n_examples=n_examples, progress=progress, desc=desc)
+    refine = _chain([crf_refiner(dense_crf, crf_on) if crf else None,
+                     kmeans_refiner(kmeans_centroids) if kmeans_centroids is not None else None])
+    return ppap.evaluate(model, loader, device, amp=amp, refine=refine, n_examples=n_examples,
+                         progress=progress, desc=desc)
+
+
+# ==== K-MEANS DIAGNOSTIC ====
+# The cluster probe's unsupervised score depends on its random initialisation (the authors' ClusterLookup
+# starts from torch.randn centroids and is trained by SGD alongside the head). Spherical k-means with fixed
+# seeds on the same code scores the learned code without labels and without that randomness: K = n_classes
+# clusters on L2-normalised code vectors (cosine distance, as the cluster probe scores), k-means++ seeding,
+# a fixed number of restarts, the lowest-inertia restart kept; then every val pixel is assigned to the
+# closest centroid by the cluster probe's own scoring (ClusterProbe.inner) and Hungarian-matched over one
+# confusion matrix, exactly as the cluster probe.
+
+KMEANS_RESTARTS = 5          # restarts r = 0..4 use seeds seed + r
+KMEANS_ITERS = 100           # Lloyd iterations at most (stops when no assignment changes)
+KMEANS_SAMPLES = 100_000     # code vectors the centroids are fitted on (a fixed per-image patch subsample)
+
+
+def _kmeanspp(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding with distance 1 - cos: x [M,D] unit rows -> k starting centroids [k,D]."""
+    M = x.shape[0]
+    idx = [int(torch.randint(M, (1,), generator=g))]
+    d = (1 - x @ x[idx[0]]).clamp_(min=0)
+    for _ in range(1, k):
+        w = d.double().cpu()
+        # all remaining points coincide with a centroid (fewer distinct points than k): any point will do
+        i = int(torch.multinomial(w, 1, generator=g)) if w.sum() > 0 else int(torch.randint(M, (1,), generator=g))
+        idx.append(i)
+        d = torch.minimum(d, (1 - x @ x[i]).clamp_(min=0))
+    return x[idx].clone()
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, restarts: int = KMEANS_RESTARTS, iters: int = KMEANS_ITERS,
+                     seed: int = 0) -> tuple[torch.Tensor, float, int]:
+    """x [M,D] (normalised here) -> (centroids [k,D] unit rows, inertia = sum over rows of 1 - cos to the
+    closest centroid, index of the kept restart). Restart r draws from torch.Generator seeded seed + r
+    (k-means++), then Lloyd steps: assign by cosine, centroid = normalised mean (an empty cluster keeps
+    its centroid). The lowest-inertia restart is kept, the first one on ties: same inputs, same result."""
+    if x.shape[0] < k:
+        raise EvalError(f"k-means needs at least {k} samples, got {x.shape[0]}")
+    x = F.normalize(x.float(), dim=1)
+    best = None
+    for r in range(restarts):
+        g = torch.Generator().manual_seed(seed + r)
+        c = _kmeanspp(x, k, g)
+        assign = None
+        for _ in range(iters):
+            new_assign = (x @ c.T).argmax(1)
+            if assign is not None and torch.equal(new_assign, assign):
+                break
+            assign = new_assign
+            sums = torch.zeros_like(c).index_add_(0, assign, x)
+            filled = torch.bincount(assign, minlength=k) > 0
+            c = torch.where(filled[:, None], F.normalize(sums, dim=1), c)
+        inertia = float((1 - (x @ c.T).max(1).values).sum())
+        if best is None or inertia < best[1]:
+            best = (c, inertia, r)
+    return best
+
+
+@torch.no_grad()
+def collect_code(model, loader, device, amp: torch.dtype | None = None, samples: int = KMEANS_SAMPLES,
+                 seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """The code k-means is fitted on: for each val image the same number of patch-grid code vectors,
+    ceil(samples / images) of them (all when the grid is smaller), at positions drawn from one generator
+    seeded `seed` -> [M,D] float32 unit rows. A subsample, so memory stays bounded on the full val sets."""
+    device = torch.device(device)
+    per_image = max(1, math.ceil(samples / max(1, len(loader.dataset))))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc="k-means code", leave=False, dynamic_ncols=True, disable=not progress):
+            img = ppap._unpack_batch(batch)[0].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                code = model(img)["code"]                         # as ppap.evaluate computes it
+            B, D, h, w = code.shape
+            flat = code.float().permute(0, 2, 3, 1).reshape(B, h * w, D)
+            for i in range(B):
+                keep = torch.randperm(h * w, generator=g)[:per_image] if per_image < h * w else torch.arange(h * w)
+                rows.append(flat[i, keep.to(flat.device)])
+    finally:
+        model.train(was_training)
+    return F.normalize(torch.cat(rows), dim=1)
+
+
+def fit_kmeans(model, loader, device, amp=None, restarts: int = KMEANS_RESTARTS, samples: int = KMEANS_SAMPLES,
+               seed: int = 0, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """K = model.n_classes centroids of the model's code on the loader's images -> (centroids [K,D],
+    settings and fit statistics for metrics.json)."""
+    t0 = time.time()
+    x = collect_code(model, loader, device, amp=amp, samples=samples, seed=seed, progress=progress)
+    c, inertia, kept = spherical_kmeans(x, int(model.n_classes), restarts=restarts, seed=seed)
+    return c, {"k": int(model.n_classes), "restarts": restarts, "max_iters": KMEANS_ITERS, "seed": seed,
+               "init": "k-means++ (cosine)", "samples": int(x.shape[0]), "kept_restart": kept,
+               "mean_inertia": inertia / x.shape[0], "seconds": round(time.time() - t0, 2)}
+
+
+def kmeans_refiner(centroids: torch.Tensor):
+    """ppap.evaluate's refine hook for the 'kmeans' probe: each pixel's closest centroid by the cluster
+    probe's scoring (cosine of the upsampled code with the centroids), in fp32."""
+    probe = ppap.ClusterProbe(centroids.shape[1], centroids.shape[0])
+    with torch.no_grad():
+        probe.clusters.copy_(centroids)
+
+    def refine(img, linear_logits, inner, code):
+        return {"kmeans": probe.to(code.device).inner(code.float()).argmax(1)}
+    return refine
 
 
 def probe_results(res: dict, probe: str) -> dict | None:
@@ -518,7 +653,8 @@ def write_outputs(res: dict, class_names, out_dir: str, meta: dict, crf: bool) -
             metrics[k]["IoU_extra"] = r["IoU_extra"]
         matched = np.asarray(r["matched"])[:C]  # drop the all-zero "extra" row, if any
         col_names = list(class_names) + (["extra"] if matched.shape[1] > C else [])
-        kind = "cluster (Hungarian-matched)" if k.startswith("cluster") else "linear"
+        kind = {"cluster": "cluster (Hungarian-matched)", "kmeans": "k-means (Hungarian-matched)"}.get(
+            k.split("_")[0], "linear")
         title = (f"{kind}{' + CRF' if k.endswith('crf') else ''}: mIoU {_fmt(r['mIoU'], 0).strip()}, "
                  f"Acc {_fmt(r['Acc'], 0).strip()}  (rows normalised, %)")
         pngs[k] = os.path.basename(plot_confusion(matched, list(class_names), col_names,
@@ -707,6 +843,540 @@ def plot_knn(dataset, indices, path, n_queries: int = 6, k: int = 5, tile: int =
     return path
 
 
+# ==== PROPAGATION REPORT: the paper's central claim, measured with labels ====
+# The paper claims that moving the proxy anchor "gradually identifies more trustworthy positives" and that
+# the ambiguity zone keeps unreliable samples out of the negatives. On labelled val images we run the loss's
+# own propagation (ppap.propagate with its trace hook; no second implementation) for anchors drawn as in
+# training (ppap.draw_anchors, a seeded generator) and count, at every step t = 0..T, how many positives,
+# ambiguous samples and negatives an anchor gets and how many of them share its ground-truth label.
+
+PATCH_LABEL_RULE = ("patch (i, j) covers the val crop's pixels [i*p, (i+1)*p) x [j*p, (j+1)*p) (the pixels the "
+                    "ViT embeds into token (i, j); the val crop is not resized again); its label is the class of "
+                    "more than half of those p*p pixels, else -1 (mixed or mostly unlabelled, left out of every "
+                    "purity)")
+
+
+def patch_labels(label: torch.Tensor, patch: int, n_classes: int) -> torch.Tensor:
+    """[B,H,W] pixel labels (-1 or >= n_classes: unlabelled) -> [B,H/p,W/p] patch labels by PATCH_LABEL_RULE:
+    the class holding more than half of the patch's p*p pixels, else -1."""
+    B, H, W = label.shape
+    h, w = H // patch, W // patch
+    x = label[:, :h * patch, :w * patch].reshape(B, h, patch, w, patch).permute(0, 1, 3, 2, 4)
+    x = x.reshape(B * h * w, patch * patch).long()
+    x = torch.where((x >= 0) & (x < n_classes), x, n_classes)             # one bin for unlabelled pixels
+    key = torch.arange(B * h * w, device=x.device)[:, None] * (n_classes + 1) + x
+    counts = torch.bincount(key.reshape(-1), minlength=B * h * w * (n_classes + 1))
+    best, cls = counts.view(B * h * w, n_classes + 1)[:, :n_classes].max(1)
+    return torch.where(2 * best > patch * patch, cls, torch.full_like(cls, -1)).view(B, h, w)
+
+
+# Per-step sums over anchors (float64); propagation_summary turns them into means and purities.
+#   anchors, labelled_anchors      anchors, and those with a label
+#   no_positive                    anchors with an empty positive set (the loss skips them)
+#   pos / amb / neg                set sizes, every sample counted (the anchor itself is in none)
+#   *_labelled                     pairs in the set where anchor and sample both have a label
+#   pos_same, amb_same, neg_diff   of those, pairs with the same label (positives, ambiguous) or a different one
+#   phi, psi                       sums of the boundaries Phi_t, Psi_t
+#   pairs_labelled, pairs_same     every labelled (anchor, other sample) pair, and those with the same label:
+#                                  the purity a random set would have
+PROP_SUMS = ("anchors", "labelled_anchors", "no_positive", "pos", "pos_labelled", "pos_same", "amb",
+             "amb_labelled", "amb_same", "neg", "neg_labelled", "neg_diff", "phi", "psi", "pairs_labelled",
+             "pairs_same")
+PROP_HYPER = ("phi0", "psi0", "prop_iter", "sigma_pos", "sigma_amb", "no_ambiguity")
+
+
+@torch.no_grad()
+def propagation_sums(f: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, *, phi0, psi0, prop_iter,
+                     sigma_pos, sigma_amb, no_ambiguity=False, chunk_elems: int = 2 ** 24) -> dict:
+    """f [N,D] features (normalised here, as ppap_loss does), labels [N] patch labels (-1: none), rows [a]
+    anchor rows -> {name in PROP_SUMS: float64 tensor [T+1]} over the anchors, per propagation step.
+    Anchors go through ppap.propagate in chunks of about chunk_elems similarities (memory O(chunk))."""
+    f = F.normalize(f.detach().float(), dim=1)
+    labels = labels.to(f.device).long()
+    T = int(prop_iter)
+    sums = {k: torch.zeros(T + 1, dtype=torch.float64) for k in PROP_SUMS}
+    has_label = labels >= 0
+    per_chunk = max(1, chunk_elems // max(1, f.shape[0]))
+    for s in range(0, len(rows), per_chunk):
+        r = rows[s:s + per_chunk].to(f.device)
+        trace = []
+        ppap.propagate(f, r, phi0=phi0, psi0=psi0, prop_iter=T, sigma_pos=sigma_pos, sigma_amb=sigma_amb,
+                       no_ambiguity=no_ambiguity, trace=trace)
+        la = labels[r]
+        others = torch.ones(len(r), f.shape[0], dtype=torch.bool, device=f.device)
+        others[torch.arange(len(r), device=f.device), r] = False
+        labelled = has_label[None, :] & (la >= 0)[:, None] & others              # [a,N]
+        same = labelled & (labels[None, :] == la[:, None])
+        for t, st in enumerate(trace):
+            pos, neg = st["pos"], st["neg"]
+            amb = others & ~pos & ~neg
+            add = {"anchors": len(r), "labelled_anchors": (la >= 0).sum(), "no_positive": (~pos.any(1)).sum(),
+                   "pos": pos.sum(), "pos_labelled": (pos & labelled).sum(), "pos_same": (pos & same).sum(),
+                   "amb": amb.sum(), "amb_labelled": (amb & labelled).sum(), "amb_same": (amb & same).sum(),
+                   "neg": neg.sum(), "neg_labelled": (neg & labelled).sum(),
+                   "neg_diff": (neg & labelled & ~same).sum(), "phi": st["phi"].double().sum(),
+                   "psi": st["psi"].double().sum(), "pairs_labelled": labelled.sum(), "pairs_same": same.sum()}
+            for k, v in add.items():
+                sums[k][t] += float(v)
+    return sums
+
+
+def _pct(num: float, den: float):
+    return 100.0 * num / den if den > 0 else None
+
+
+def propagation_summary(sums: dict) -> dict:
+    """PROP_SUMS sums -> {'chance_purity': %, 'steps': [per t: Phi_t, Psi_t (means), positives, ambiguous,
+    negatives (mean set sizes per anchor), positive_purity, ambiguous_purity (% of labelled members sharing
+    the anchor's label), negative_purity (% of labelled negatives with another label), no_positive_anchors
+    (%)]}. Purities pool all labelled (anchor, sample) pairs; None where a set has no labelled member."""
+    s = {k: v.tolist() for k, v in sums.items()}
+    steps = []
+    for t in range(len(s["anchors"])):
+        n = s["anchors"][t]
+        mean = (lambda k: s[k][t] / n) if n else (lambda k: None)
+        steps.append({"t": t, "phi": mean("phi"), "psi": mean("psi"), "positives": mean("pos"),
+                      "positive_purity": _pct(s["pos_same"][t], s["pos_labelled"][t]),
+                      "ambiguous": mean("amb"), "ambiguous_purity": _pct(s["amb_same"][t], s["amb_labelled"][t]),
+                      "negatives": mean("neg"), "negative_purity": _pct(s["neg_diff"][t], s["neg_labelled"][t]),
+                      "no_positive_anchors": _pct(s["no_positive"][t], n)})
+    return {"chance_purity": _pct(s["pairs_same"][0], s["pairs_labelled"][0]) if s["anchors"] else None,
+            "steps": steps}
+
+
+FEATURE_SETS = {
+    "criterion": "the criterion branch: the frozen backbone's final-block features, normalised, exactly what "
+                 "Phi_0/Psi_0 act on in training; it does not depend on training, so it is the same for every "
+                 "run with this backbone (eval mode: without the training's Dropout2d)",
+    "z": "the run's trained projection z (unit rows), the space the contrastive loss pulls positives together "
+         "in: the same boundaries applied there show what training changed where the loss acts (they were "
+         "set for the criterion's similarities, so set sizes differ too)",
+    "code": "the run's trained code (head output, normalised): what the probes and k-means segment",
+}
+
+
+def _rows_of(out: dict, name: str) -> torch.Tensor:
+    """One feature set of a forward pass as [N,D] rows in the loss's order (image, then row-major patches)."""
+    if name == "z":
+        return out["z"]
+    x = out["crit" if name == "criterion" else name]
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+@torch.no_grad()
+def propagation_report(model, loader, device, hyper: dict, *, group: int, anchors_per_group: int, seed: int = 0,
+                       trained: str = "z", amp: torch.dtype | None = None, n_shown: int = 4,
+                       progress: bool = True) -> tuple[dict, dict | None]:
+    """Propagation statistics over the loader's batches for the criterion features and the trained ones.
+
+    Each batch is one set of contrast samples (N = B*h*w rows, as a training batch); its anchors are drawn
+    with ppap.draw_anchors from one torch.Generator seeded `seed` (the same rows for both feature sets).
+    hyper: PROP_HYPER values. -> (report dict, figure data from the first batch for plot_propagation)."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    names = ("criterion", trained)
+    sums = {k: {q: torch.zeros(int(hyper["prop_iter"]) + 1, dtype=torch.float64) for q in PROP_SUMS}
+            for k in names}
+    n_images = n_skipped = n_batches = 0
+    grid, figure = None, None
+    was_training = model.training
+    model.eval()                                  # no Dropout2d on the criterion features
+    try:
+        for batch in tqdm(loader, desc="propagation", leave=False, dynamic_ncols=True, disable=not progress):
+            img, label = ppap._unpack_batch(batch)
+            img = img.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = model(img)
+            out = {k: v.float() for k, v in out.items()}
+            B, _, h, w = out["crit"].shape
+            N = B * h * w
+            if N < group:                         # a short last batch has no full anchor group
+                n_skipped += B
+                continue
+            grid = (h, w)
+            anchors = ppap.draw_anchors(N, group, anchors_per_group, generator=g)
+            rows = (anchors + torch.arange(anchors.shape[0])[:, None] * group).reshape(-1).to(device)
+            labels = patch_labels(label.to(device).long(), model.patch_size, int(model.n_classes)).reshape(-1)
+            for k in names:
+                for q, v in propagation_sums(_rows_of(out, k), labels, rows, **hyper).items():
+                    sums[k][q] += v
+            if figure is None:
+                figure = _figure_data(img, labels.view(B, h, w), rows, _rows_of(out, "criterion"), hyper, n_shown)
+            n_images += B
+            n_batches += 1
+    finally:
+        model.train(was_training)
+    if n_batches == 0:
+        raise EvalError(f"no batch has a full anchor group of {group} patches; raise --batch-size")
+    report = {"n_images": n_images, "skipped_images": n_skipped, "batches": n_batches, "grid": list(grid),
+              "anchors_seed": seed, "group": group, "anchors_per_group": anchors_per_group,
+              "n_anchors": int(sums["criterion"]["anchors"][0]),
+              "n_labelled_anchors": int(sums["criterion"]["labelled_anchors"][0]),
+              "hyper": dict(hyper), "patch_label_rule": PATCH_LABEL_RULE,
+              "feature_sets": {k: {"description": FEATURE_SETS[k], **propagation_summary(sums[k]),
+                                   "sums": {q: v.tolist() for q, v in sums[k].items()}} for k in names}}
+    return report, figure
+
+
+def _figure_data(img, labels, rows, f, hyper, n_shown, max_images=6):
+    """The first batch's picture: up to n_shown labelled anchors among the first images, in the drawn order,
+    preferring anchors with positives at T and distinct classes, with their positives at t = 0 and t = T and
+    their ambiguity zone at T, from the criterion features through ppap.propagate's trace."""
+    B, h, w = labels.shape
+    shown_images = min(B, max_images)
+    flat = labels.reshape(-1)
+    cand = [int(r) for r in rows.tolist() if int(r) // (h * w) < shown_images and int(flat[r]) >= 0]
+    if not cand:
+        return None
+    trace = []
+    ppap.propagate(F.normalize(f.float(), dim=1), torch.tensor(cand, device=f.device), **hyper, trace=trace)
+    has_pos = trace[-1]["pos"].any(1).tolist()
+    picked, classes = [], set()
+    for want_new_class in (True, False):
+        for i, r in enumerate(cand):
+            if len(picked) < n_shown and has_pos[i] and i not in picked and \
+                    (int(flat[r]) not in classes or not want_new_class):
+                picked.append(i)
+                classes.add(int(flat[r]))
+    picked += [i for i in range(len(cand)) if i not in picked][:n_shown - len(picked)]
+    first, last = trace[0], trace[-1]
+    sel = torch.tensor(picked, device=first["pos"].device)
+    return {"images": ppap.to_uint8_rgb(img[:shown_images]).cpu().numpy(), "labels": labels[:shown_images].cpu(),
+            "anchors": [cand[i] for i in picked], "grid": (h, w), "T": len(trace) - 1,
+            "pos0": first["pos"][sel].cpu(), "posT": last["pos"][sel].cpu(),
+            "ambT": (~last["pos"] & ~last["neg"])[sel].cpu(), "labels_all": flat.cpu()}
+
+
+_PROP_COLOURS = {"kept": (40, 200, 60), "gained": (30, 120, 255), "lost": (235, 40, 200),
+                 "ambiguous": (255, 200, 0), "anchor": (255, 0, 0)}
+
+
+def plot_propagation(fig: dict, class_names, path: str, tile: int = 120) -> str:
+    """PNG: for each shown anchor two rows over the first images of the batch: (1) the image dimmed, with
+    the anchor's positives kept from t = 0 to T (green), gained by propagation (blue), lost (magenta), its
+    ambiguity zone at T (yellow) and the anchor (red box); (2) the patch labels: patches with the anchor's
+    label bright, other labels dark, patches without a label black. Criterion features, eval mode."""
+    from PIL import Image, ImageDraw
+    images, (h, w), n_img, T = fig["images"], fig["grid"], len(fig["images"]), fig["T"]
+    font = _font(12)
+    pad, left, head = 4, 230, 40
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title = (f"Proxy anchor propagation on the criterion features (frozen backbone, eval mode): positives at "
+             f"t = 0 and t = T = {T}, ambiguity zone at T")
+    foot = ("Top row per anchor: the batch's first images, dimmed, with the anchor's sets. Bottom row: patch "
+            "labels (bright = the anchor's label, dark = another, black = no label).")
+    legend = (("kept", "positive at t = 0 and T"), ("gained", f"gained by t = {T}"), ("lost", "positive at t = 0 only"),
+              ("ambiguous", "ambiguity zone at T"), ("anchor", "anchor"))
+    legend_w = sum(22 + _text_size(probe, label, font)[0] for _, label in legend)
+    W = max(left + n_img * (tile + pad) + pad, 2 * pad + max(_text_size(probe, t, font)[0] for t in (title, foot)),
+            2 * pad + legend_w)
+    H = head + len(fig["anchors"]) * (2 * (tile + pad) + 10) + 24
+    canvas = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(canvas)
+    d.text((pad, 4), title, fill="black", font=font)
+    x = pad
+    for key, label in legend:
+        d.rectangle([x, 22, x + 11, 33], fill=_PROP_COLOURS[key])
+        d.text((x + 15, 21), label, fill="black", font=font)
+        x += 22 + _text_size(d, label, font)[0]
+    labels_all, hw = fig["labels_all"], h * w
+    Hi, Wi = images.shape[1:3]
+    up = lambda a: np.repeat(np.repeat(a, Hi // h, 0), Wi // w, 1)       # patch grid -> pixels
+    for ai, r in enumerate(fig["anchors"]):
+        y0 = head + ai * (2 * (tile + pad) + 10)
+        lab = int(labels_all[r])
+        name = class_names[lab] if 0 <= lab < len(class_names) else str(lab)
+        p0, pT, zT = fig["pos0"][ai], fig["posT"][ai], fig["ambT"][ai]
+
+        def purity(m):
+            m = m & (labels_all >= 0)
+            return f"{100.0 * float((labels_all[m] == lab).sum()) / int(m.sum()):.0f}% same label" if m.any() else "n/a"
+        text = [f"anchor {ai + 1}: '{name}'", f"image {r // hw + 1}, patch ({(r % hw) // w}, {r % w})",
+                f"t = 0: {int(p0.sum())} positives ({purity(p0)})", f"t = {T}: {int(pT.sum())} positives ({purity(pT)})",
+                f"ambiguity zone: {int(zT.sum())} ({purity(zT)})", "(counts over the whole batch)"]
+        for i, t in enumerate(text):
+            d.text((pad, y0 + 4 + 15 * i), t, fill="black", font=font)
+        d.text((pad, y0 + tile + pad + 4), "patch labels", fill=(80, 80, 80), font=font)
+        for b in range(n_img):
+            sl = slice(b * hw, (b + 1) * hw)
+            over = np.zeros((h, w, 3), np.float32)
+            alpha = np.zeros((h, w, 1), np.float32)
+            for m, key in ((zT[sl], "ambiguous"), (p0[sl] & ~pT[sl], "lost"), (~p0[sl] & pT[sl], "gained"),
+                           (p0[sl] & pT[sl], "kept")):
+                m = m.view(h, w).numpy()
+                over[m], alpha[m] = _PROP_COLOURS[key], 0.65
+            sets = images[b] * 0.45 * (1 - up(alpha)) + up(over) * up(alpha)
+            lab_grid = fig["labels"][b].numpy()
+            bright = np.where(lab_grid == lab, 1.0, np.where(lab_grid >= 0, 0.25, 0.0))[..., None]
+            xb = left + b * (tile + pad)
+            for yy, arr in ((y0, sets), (y0 + tile + pad, images[b] * up(bright))):
+                canvas.paste(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST),
+                             (xb, yy))
+            if r // hw == b:                          # the anchor: a red box with a white rim
+                py, px = (r % hw) // w, r % w
+                sy, sx = tile / h, tile / w
+                box = [xb + px * sx - 2, y0 + py * sy - 2, xb + (px + 1) * sx + 1, y0 + (py + 1) * sy + 1]
+                d.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], outline="white", width=1)
+                d.rectangle(box, outline=_PROP_COLOURS["anchor"], width=2)
+    d.text((pad, H - 18), foot, fill=(80, 80, 80), font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def format_propagation(report: dict) -> str:
+    """The printed table: one block per feature set, one line per step t."""
+    hy = report["hyper"]
+    lines = [f"{report['n_images']} val images in {report['batches']} batch(es) of {report['batch_size']} "
+             f"({report['grid'][0]}x{report['grid'][1]} patches each), {report['n_anchors']} anchors "
+             f"({report['n_labelled_anchors']} labelled; {report['anchors_per_group']} per group of "
+             f"{report['group']}, seed {report['anchors_seed']})",
+             f"Phi0 {hy['phi0']}  Psi0 {hy['psi0']}  T {hy['prop_iter']}  sigma_pos {hy['sigma_pos']}  "
+             f"sigma_amb {hy['sigma_amb']}" + ("  no ambiguity zone" if hy["no_ambiguity"] else "")
+             + f"  ({report['hyper_source']})",
+             "set sizes: mean per anchor over the batch's patches; purity: % of labelled members with the "
+             "anchor's label (negatives: with another label)"]
+    for name, fs in report["feature_sets"].items():
+        lines += ["", f"[{name}] {fs['description']}",
+                  f"  chance purity (a random set): {_fmt(fs['chance_purity'], 0).strip()}%",
+                  f"  {'t':>2} {'Phi_t':>7} {'Psi_t':>7} {'positives':>10} {'purity':>7} {'ambiguous':>10} "
+                  f"{'purity':>7} {'negatives':>10} {'purity':>7} {'no pos.':>8}"]
+        for st in fs["steps"]:
+            lines.append(f"  {st['t']:>2} {st['phi']:>7.3f} {st['psi']:>7.3f} "
+                         f"{_fmt(st['positives'], 10)} {_fmt(st['positive_purity'], 7)} "
+                         f"{_fmt(st['ambiguous'], 10)} {_fmt(st['ambiguous_purity'], 7)} "
+                         f"{_fmt(st['negatives'], 10)} {_fmt(st['negative_purity'], 7)} "
+                         f"{_fmt(st['no_positive_anchors'], 7)}%")
+    return "\n".join(lines)
+
+
+def _propagation_cli(args) -> int:
+    t0 = time.time()
+    device = ppap.pick_device(args.device)
+    model, cfg, info = _load_target(args)
+    cfg = _eval_cfg(cfg, args)
+    loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
+    if int(model.n_classes) != n_classes:
+        raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
+    if info["class_names"] and len(info["class_names"]) == n_classes:
+        names = list(info["class_names"])
+    per_batch = min(args.batch_size, len(loader.dataset)) * (cfg.val_size // cfg.patch) ** 2
+    if per_batch < cfg.group:                      # before any forward pass
+        raise EvalError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
+                        f"fewer than one anchor group ({cfg.group}); raise --batch-size (or --limit)")
+    hyper = {k: getattr(cfg, k) for k in PROP_HYPER}
+    report, fig = propagation_report(model.to(device), loader, device, hyper, group=cfg.group,
+                                     anchors_per_group=cfg.group // cfg.trainpatchsplit, seed=args.anchors_seed,
+                                     trained=args.trained_features, amp=ppap.amp_dtype(cfg, device))
+    out_dir = _out_dir(args, info, "propagation")
+    png = plot_propagation(fig, names, os.path.join(out_dir, "propagation.png")) if fig else None
+    report.update({
+        "checkpoint": os.path.abspath(info["checkpoint"]), "kind": info["kind"], "selection": info["selection"],
+        "data": cfg.data, "limit": args.limit or None, "batch_size": args.batch_size,
+        "hyper_source": "the run's config" if info["kind"] == "run"
+        else f"the {cfg.data} preset for {cfg.arch}/{cfg.patch} (ppap.PRESETS)",
+        "trainpatchsplit": cfg.trainpatchsplit, "mode": "eval (no Dropout2d on the criterion features)",
+        "figure": os.path.basename(png) if png else None, "git_commit": ppap.git_commit(), "device": str(device),
+        "torch": torch.__version__, "seconds": round(time.time() - t0, 2)})
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "propagation.json")
+    ppap.atomic_write(path, lambda p: ppap.write_json(p, _nan_to_none(report), indent=1))
+    print(f"{info['kind']} {info['checkpoint']} ({info['selection']}) on {cfg.data} val, device {device}")
+    print(format_propagation(report))
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+# ==== AUDIT: the authors' released checkpoints against the paper ====
+
+# The paper's numbers (Seong, Moon, Lee, Heo, "Progressive Proxy Anchor Propagation for Unsupervised Semantic
+# Segmentation", ECCV 2024, arXiv 2407.12463) for the released checkpoints, keyed like checkpoints.tsv rows
+# (dataset, arch, patch). 'numbers' uses metrics.json's names ('cluster' = unsupervised, Hungarian-matched;
+# 'linear' = linear probe; x100); 'source' says where each number was read and what it does not state.
+# Only numbers read in a named source belong here: an absent number is an empty cell, never a guess.
+# Not filled in: the paper's Table 1 (every dataset and backbone), which this project has not yet read in
+# a copy of the paper it can cite; add each number with its table and row when someone has.
+PAPER_NUMBERS = {
+    ("cocostuff", "vit_small", 16): {
+        "numbers": {"cluster/mIoU": 26.5},
+        # COCO-Stuff-27, ViT-S/16, unsupervised mIoU: the paper's number as quoted in the authors' issue
+        # tracker (github.com/hynnsk/PPAP/issues); the quote does not say whether CRF was applied.
+        "source": "paper, as quoted in the authors' issue tracker (github.com/hynnsk/PPAP/issues); "
+                  "CRF setting not stated there",
+    },
+}
+
+MANIFEST_HEADER = ("name", "file_id", "dataset", "arch", "patch")   # download.sh's checkpoints.tsv
+
+
+def read_manifest(ck_dir: str) -> list[dict]:
+    """DIR/checkpoints.tsv (written by `bash download.sh checkpoints DIR`) -> its rows as dicts with the
+    header's keys (patch as int). Problems are one EvalError line."""
+    path = os.path.join(ck_dir, "checkpoints.tsv")
+    if not os.path.isfile(path):
+        raise EvalError(f"no {path} — run: bash download.sh checkpoints {ck_dir}")
+    with open(path) as f:
+        lines = [ln.rstrip("\n").rstrip("\r") for ln in f]
+    lines = [ln for ln in lines if ln.strip()]
+    if not lines or tuple(lines[0].split("\t")) != MANIFEST_HEADER:
+        raise EvalError(f"{path}: expected the header {chr(9).join(MANIFEST_HEADER)!r} (tab-separated) — "
+                        f"run: bash download.sh checkpoints {ck_dir}")
+    rows = []
+    for i, ln in enumerate(lines[1:], start=2):
+        cells = ln.split("\t")
+        if len(cells) != len(MANIFEST_HEADER) or not cells[4].strip().isdigit():
+            raise EvalError(f"{path}:{i}: expected {len(MANIFEST_HEADER)} tab-separated fields with an "
+                            f"integer patch, got {ln!r}")
+        row = dict(zip(MANIFEST_HEADER, (c.strip() for c in cells)))
+        row["patch"] = int(row["patch"])
+        rows.append(row)
+    return rows
+
+
+def _data_missing(row: dict, data_dir: str) -> str | None:
+    """Why the row's val data cannot be used (one line naming the download command), or None."""
+    try:
+        cfg = ppap.make_config({"data": row["dataset"], "arch": row["arch"], "patch": row["patch"],
+                                "data_dir": data_dir, "progress": False})
+        ppap.build_dataset(cfg, "val")
+    except EvalError as e:
+        msg = " ".join(str(e).split())
+        if msg.startswith("unknown"):
+            return msg
+        return f"{row['dataset']} val data missing ({msg})"
+    except OSError as e:
+        return f"{row['dataset']} val data unreadable under {data_dir} ({e}) — run: bash download.sh {row['dataset']} {data_dir}"
+    return None
+
+
+# measured columns of the audit table, in this order, when some checkpoint has them
+AUDIT_PROBES = (("cluster", "unsup."), ("linear", "linear"), ("kmeans", "k-means"),
+                ("cluster_crf", "unsup. +CRF"), ("linear_crf", "linear +CRF"))
+
+
+def audit(args, progress: bool = True) -> dict:
+    """Evaluate every released checkpoint listed in <checkpoints>/checkpoints.tsv whose file and val data are
+    present (through evaluate_target, as --official does: same loading, loader, evaluation and CRF) and
+    write <out>/audit.json and <out>/audit.md; each checkpoint's full report goes to <out>/<name>/.
+    Rows without their file or data are listed with the reason and the command that fetches them."""
+    t0 = time.time()
+    ck_dir = args.checkpoints or os.environ.get("PPAP_CHECKPOINTS", "./checkpoints")
+    data_dir = args.data_dir or os.environ.get("PPAP_DATA", "./data")
+    out_dir = args.out or os.path.join("runs", "audit")
+    manifest = read_manifest(ck_dir)
+    device = ppap.pick_device(args.device)
+    dense_crf = load_crf(device) if args.crf else None   # fail fast, before any checkpoint
+    rows = []
+    for m in manifest:
+        file = os.path.join(ck_dir, m["name"])
+        stem = os.path.splitext(m["name"])[0]
+        paper = PAPER_NUMBERS.get((m["dataset"], m["arch"], m["patch"]), {})
+        row = {**m, "file": os.path.abspath(file), "paper": dict(paper.get("numbers", {})),
+               "paper_source": paper.get("source")}
+        reason = None
+        if not os.path.isfile(file):
+            reason = f"file missing — run: bash download.sh checkpoints {ck_dir}"
+        else:
+            reason = _data_missing(m, data_dir)
+        if reason:
+            rows.append({**row, "status": "skipped", "reason": reason})
+            print(f"skip {m['name']}: {reason}")
+            continue
+        sub = argparse.Namespace(**{**vars(args), "run": None, "official": file, "data": m["dataset"],
+                                    "arch": m["arch"], "patch": m["patch"], "data_dir": data_dir,
+                                    "out": os.path.join(out_dir, stem)})
+        print(f"evaluating {m['name']} ({m['dataset']}, {m['arch']}/{m['patch']})", flush=True)
+        try:
+            doc, res, _ = evaluate_target(sub, dense_crf=dense_crf, progress=progress)
+        except EvalError as e:
+            msg = " ".join(str(e).split())
+            rows.append({**row, "status": "error", "reason": msg})
+            print(f"error in {m['name']}: {msg}")
+            continue
+        measured = {k: {"Acc": doc["metrics"][k]["Acc"], "mIoU": doc["metrics"][k]["mIoU"]}
+                    for k, _ in AUDIT_PROBES if k in doc["metrics"]}
+        rows.append({**row, "status": "evaluated", "n_images": doc["n_images"], "measured": measured,
+                     "metrics_json": os.path.join(stem, "metrics.json"), "seconds": doc["seconds"]})
+    result = {"checkpoints_tsv": os.path.abspath(os.path.join(ck_dir, "checkpoints.tsv")),
+              "data_dir": os.path.abspath(data_dir), "crf": bool(args.crf), "kmeans": bool(args.kmeans),
+              "limit": args.limit or None, "device": str(device), "git_commit": ppap.git_commit(),
+              "torch": torch.__version__, "seconds": round(time.time() - t0, 2), "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    result = _nan_to_none(result)
+    ppap.atomic_write(os.path.join(out_dir, "audit.json"), lambda p: ppap.write_json(p, result, indent=1))
+    md = format_audit(result)
+    ppap.atomic_write(os.path.join(out_dir, "audit.md"), lambda p: _write_text(p, md))
+    result["out_dir"] = out_dir
+    return result
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _cell(v, digits=2) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def format_audit(result: dict) -> str:
+    """audit.json -> audit.md: one table row per evaluated checkpoint, then the skipped ones."""
+    rows = result["rows"]
+    done = [r for r in rows if r["status"] == "evaluated"]
+    probes = [(k, name) for k, name in AUDIT_PROBES if any(k in r["measured"] for r in done)] or \
+        [("cluster", "unsup."), ("linear", "linear")]
+    head = ["checkpoint", "data", "backbone", "val images"]
+    head += [f"{name} {m}" for _, name in probes for m in ("Acc", "mIoU")]
+    head += [f"paper {name} {m}" for name in ("unsup.", "linear") for m in ("Acc", "mIoU")]
+    sources = []
+    lines = ["# Audit: the authors' released PPAP checkpoints", "",
+             "Measured with `python eval.py --audit` (the authors' evaluation protocol: shorter side resized to "
+             "the preset's val size with nearest, centre crop, one confusion matrix over the val set); "
+             "unsup. = cluster probe after Hungarian matching, linear = linear probe"
+             + (", k-means = spherical k-means on the code (K = classes, fixed seeds), Hungarian-matched"
+                if any(k == "kmeans" for k, _ in probes) else "")
+             + (", +CRF = after the dense CRF" if result["crf"] else "")
+             + ". Acc and mIoU in %. "
+             + (f"**Only the first {result['limit']} val images** (`--limit`): not the paper's protocol. "
+                if result["limit"] else "All val images. ")
+             + "Paper columns: the paper's numbers where this project has read them (sources below); "
+               "an empty cell means not known, not zero.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in done:
+        cells = [f"`{r['name']}`", r["dataset"], f"{r['arch']}/{r['patch']}", str(r["n_images"])]
+        for k, _ in probes:
+            m = r["measured"].get(k, {})
+            cells += [_cell(m.get("Acc")), _cell(m.get("mIoU"))]
+        mark = ""
+        if r["paper"]:
+            sources.append(r["paper_source"])
+            mark = f" [{len(sources)}]"
+        for p in ("cluster", "linear"):
+            for metric in ("Acc", "mIoU"):
+                v = r["paper"].get(f"{p}/{metric}")
+                cells.append("" if v is None else f"{v}{mark}")
+        lines.append("| " + " | ".join(cells) + " |")
+    other = [r for r in rows if r["status"] != "evaluated"]
+    if other:
+        lines += ["", "Not evaluated:", ""]
+        lines += [f"- `{r['name']}` ({r['dataset']}, {r['arch']}/{r['patch']}): {r['status']}: {r['reason']}"
+                  for r in other]
+    if sources:
+        lines += ["", "Sources of the paper columns:", ""]
+        lines += [f"[{i}] {src}" for i, src in enumerate(sources, start=1)]
+    lines += ["", f"Device {result['device']}, torch {result['torch']}, git {result['git_commit']}, "
+                  f"checkpoints from `{result['checkpoints_tsv']}`, data from `{result['data_dir']}`; "
+                  "per-checkpoint reports (per-class IoU, confusion matrices) in `<name>/metrics.json`.", ""]
+    return "\n".join(lines)
+
+
+def _audit_cli(args) -> int:
+    result = audit(args)
+    print(format_audit(result))
+    print(f"wrote {os.path.join(result['out_dir'], 'audit.md')} and audit.json")
+    return 1 if any(r["status"] == "error" for r in result["rows"]) else 0
+
+
 # ==== CLI ====
 
 def _val_loader(cfg, limit: int, batch_size: int):
@@ -722,68 +1392,108 @@ def _val_loader(cfg, limit: int, batch_size: int):
     return ppap.make_loader(cfg, ds, train=False, batch_size=batch_size), names, int(ds.n_classes)
 
 
-def _evaluate_cli(args) -> int:
-    t0 = time.time()
-    device = ppap.pick_device(args.device)
-    crf_on = crf_device(args.crf_device, device) if args.crf else None
-    dense_crf = load_crf(crf_on) if args.crf else None  # fail fast, before loading anything
+def _load_target(args) -> tuple:
+    """--run RUN or --official FILE -> (model on the CPU, cfg, info): info holds kind, checkpoint, selection,
+    class names, git and step of the checkpoint, and 'out' (the output folder unless --out, without a
+    suffix: <run>, <run folder>/<stem> or runs/<stem>)."""
     if args.run:
         if not os.path.exists(args.run):
             raise EvalError(f"run not found: {args.run}")
         ckpt_path = ppap.checkpoint_file(args.run)
         model, cfg, ckpt = ppap.load_run(args.run)
-        selection = _selection_label(ckpt, ckpt_path)
         over = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir)) if v is not None}
         cfg = dataclasses.replace(cfg, **over)
-        kind = "run"
-        ck_names, ck_git, step = ckpt.get("class_names"), ckpt.get("git"), ckpt.get("step")
+        info = {"kind": "run", "checkpoint": ckpt_path, "selection": _selection_label(ckpt, ckpt_path),
+                "class_names": ckpt.get("class_names"), "checkpoint_git": ckpt.get("git"), "step": ckpt.get("step")}
         if os.path.isdir(args.run):
-            out_dir = args.out or os.path.join(args.run, "eval")
-            best = os.path.join(args.run, "best_on_val.pt")
-            if os.path.exists(best):
-                print(f"note: evaluating last.pt; the best-on-val checkpoint is {best} (--run {best})")
+            info["out"], info["stem"] = args.run, ""
         else:
             stem = os.path.splitext(os.path.basename(args.run))[0]
-            out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.run)),
-                                               "eval" if stem == "last" else f"eval_{stem}")
-    else:
-        # the checkpoint first: its errors do not depend on the data being there
-        arch, patch = args.arch or "vit_small", args.patch or 8
-        model = load_official(args.official, arch, patch, n_classes=None, trust=args.trust_pickle)
-        over = {"data": args.data or "cocostuff", "arch": arch, "patch": patch, "amp_dtype": "fp16"}
-        if args.data_dir:
-            over["data_dir"] = args.data_dir
-        cfg = ppap.make_config(over)
-        ckpt_path, selection, kind, ck_names, ck_git, step = args.official, "authors-release", "official", \
-            None, None, None
-        out_dir = args.out or os.path.join("runs", "eval_" + os.path.splitext(os.path.basename(args.official))[0])
-    # data loading: this command's workers; precision: the run's own (the authors evaluate under autocast),
-    # unless --amp/--no-amp says otherwise
-    cfg = dataclasses.replace(cfg, num_workers=args.num_workers if args.num_workers is not None
-                              else min(4, os.cpu_count() or 1), **({} if args.amp is None else {"amp": args.amp}))
+            info["out"] = os.path.dirname(os.path.abspath(args.run))
+            info["stem"] = "" if stem == "last" else stem
+        return model, cfg, info
+    # the checkpoint first: its errors do not depend on the data being there
+    arch, patch = args.arch or "vit_small", args.patch or 8
+    model = load_official(args.official, arch, patch, n_classes=None, trust=args.trust_pickle)
+    over = {"data": args.data or "cocostuff", "arch": arch, "patch": patch, "amp_dtype": "fp16"}
+    if args.data_dir:
+        over["data_dir"] = args.data_dir
+    cfg = ppap.make_config(over)
+    info = {"kind": "official", "checkpoint": args.official, "selection": "authors-release", "class_names": None,
+            "checkpoint_git": None, "step": None, "out": "runs",
+            "stem": os.path.splitext(os.path.basename(args.official))[0]}
+    return model, cfg, info
+
+
+def _out_dir(args, info, what: str) -> str:
+    """--out, or the default folder of this report: <run>/<what>[_<stem>], runs/<what>_<stem> (official)."""
+    if args.out:
+        return args.out
+    return os.path.join(info["out"], what + (f"_{info['stem']}" if info["stem"] else ""))
+
+
+def _eval_cfg(cfg, args):
+    """Data loading: this command's workers; precision: the run's own (the authors evaluate under autocast),
+    unless --amp/--no-amp says otherwise."""
+    return dataclasses.replace(cfg, num_workers=args.num_workers if args.num_workers is not None
+                               else min(4, os.cpu_count() or 1), **({} if args.amp is None else {"amp": args.amp}))
+
+
+def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, dict, list]:
+    """The evaluation of --run / --official as the flags in ``args`` ask (CRF, k-means, limit, ...):
+    -> (the metrics.json document, written to its folder; ppap.evaluate's result; class names).
+    ``dense_crf``: the loaded CRF op when args.crf (loaded here if None)."""
+    t0 = time.time()
+    device = ppap.pick_device(args.device)
+    crf_on = crf_device(args.crf_device, device) if args.crf else None
+    if args.crf and dense_crf is None:
+        dense_crf = load_crf(crf_on)  # fail fast, before loading anything
+    model, cfg, info = _load_target(args)
+    out_dir = _out_dir(args, info, "eval")
+    if args.run and os.path.isdir(args.run) and os.path.exists(os.path.join(args.run, "best_on_val.pt")):
+        print(f"note: evaluating last.pt; the best-on-val checkpoint is "
+              f"{os.path.join(args.run, 'best_on_val.pt')} (--run {os.path.join(args.run, 'best_on_val.pt')})")
+    cfg = _eval_cfg(cfg, args)
     loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
     if int(model.n_classes) != n_classes:
         raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
-    if ck_names and len(ck_names) == n_classes:
-        names = list(ck_names)
+    if info["class_names"] and len(info["class_names"]) == n_classes:
+        names = list(info["class_names"])
     model = model.to(device)
     amp = ppap.amp_dtype(cfg, device)
+    centroids, km = None, None
+    if getattr(args, "kmeans", False):
+        centroids, km = fit_kmeans(model, loader, device, amp=amp, restarts=args.kmeans_restarts,
+                                   samples=args.kmeans_samples, seed=args.kmeans_seed, progress=progress)
     res = evaluate_model(model, loader, device, crf=args.crf, amp=amp, n_examples=args.n_examples,
-                         dense_crf=dense_crf, crf_on=crf_on, desc=f"eval {cfg.data}")
+                         dense_crf=dense_crf, crf_on=crf_on, desc=f"eval {cfg.data}",
+                         kmeans_centroids=centroids, progress=progress)
     meta = {
-        "checkpoint": os.path.abspath(ckpt_path), "kind": kind, "selection": selection, "step": step,
-        "config": dataclasses.asdict(cfg), "data": cfg.data, "limit": args.limit or None,
-        "git_commit": ppap.git_commit(), "checkpoint_git": ck_git, "device": str(device),
+        "checkpoint": os.path.abspath(info["checkpoint"]), "kind": info["kind"], "selection": info["selection"],
+        "step": info["step"], "config": dataclasses.asdict(cfg), "data": cfg.data, "limit": args.limit or None,
+        "git_commit": ppap.git_commit(), "checkpoint_git": info["checkpoint_git"], "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "amp": str(amp).removeprefix("torch.") if amp else False,
         "crf_device": str(crf_on) if crf_on is not None else None,
         "batch_size": args.batch_size, "seconds": round(time.time() - t0, 2),
     }
+    if km is not None:
+        meta["kmeans"] = km
     doc = write_outputs(res, names, out_dir, meta, crf=args.crf)
-    print(f"{kind} {ckpt_path} ({selection}) on {cfg.data} val, {res['n_images']} images, device {device}")
+    doc["out_dir"] = out_dir
+    return doc, res, names
+
+
+def _evaluate_cli(args) -> int:
+    doc, res, names = evaluate_target(args)
+    print(f"{doc['kind']} {doc['checkpoint']} ({doc['selection']}) on {doc['data']} val, {res['n_images']} images, "
+          f"device {doc['device']}")
     print(format_table(res, names))
-    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and "
-          + ", ".join(doc["pngs"].values()))
+    if "kmeans" in doc:
+        km = doc["kmeans"]
+        print(f"k-means: K = {km['k']}, {km['restarts']} restarts (seeds {km['seed']}..{km['seed'] + km['restarts'] - 1}), "
+              f"fitted on {km['samples']} code vectors, mean 1 - cos {km['mean_inertia']:.4f}")
+    print(f"wrote {os.path.join(doc['out_dir'], 'metrics.json')} and " + ", ".join(doc["pngs"].values()))
     return 0
 
 
@@ -804,13 +1514,23 @@ def _knn_cli(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate PPAP checkpoints (the authors' evaluation protocol), "
-                                            "summarise seeds, or build kNN image tables.")
+                                            "audit the released ones, measure propagation, summarise seeds, "
+                                            "or build kNN image tables.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", help="run directory or checkpoint .pt of ours")
     g.add_argument("--official", help="authors' released checkpoint (.pth)")
     g.add_argument("--summarize", nargs="+", metavar="RUN", help="mean ± std over runs (seeds)")
     g.add_argument("--knn", action="store_true", help="each image's nearest images by backbone features "
                                                       "(table + knn.png)")
+    g.add_argument("--audit", action="store_true", help="evaluate every released checkpoint listed in "
+                   "--checkpoints/checkpoints.tsv whose file and data are present; audit.md + audit.json")
+    p.add_argument("--propagation", action="store_true", help="with --run/--official: proxy anchor "
+                   "propagation statistics per step t = 0..T on labelled val images (propagation.json + .png)")
+    p.add_argument("--anchors-seed", type=int, default=0, help="seed of the anchors for --propagation")
+    p.add_argument("--trained-features", default="z", choices=("z", "code"),
+                   help="the trained feature set --propagation reports next to the criterion's (default z)")
+    p.add_argument("--checkpoints", default=None, help="for --audit: folder of `bash download.sh checkpoints` "
+                   "(default $PPAP_CHECKPOINTS or ./checkpoints)")
     p.add_argument("--data", default=None, help="data set (default: the run's; cocostuff for --official)")
     p.add_argument("--data-dir", default=None, help="data root (default: the run's / $PPAP_DATA)")
     p.add_argument("--arch", default=None, help="backbone for --official/--knn (default vit_small / the "
@@ -831,6 +1551,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="autocast (default: the run's setting, i.e. on CUDA unless it said otherwise; "
                         "on CUDA for --official, as the authors)")
+    p.add_argument("--kmeans", action="store_true",
+                   help="also score spherical k-means (K = classes) on the code: a label-free diagnostic that "
+                        "does not depend on the cluster probe's initialisation (probe 'kmeans')")
+    p.add_argument("--kmeans-restarts", type=int, default=KMEANS_RESTARTS, help="k-means restarts (seeds "
+                   "kmeans-seed + r); the lowest inertia is kept")
+    p.add_argument("--kmeans-samples", type=int, default=KMEANS_SAMPLES,
+                   help="code vectors k-means is fitted on (a fixed per-image patch subsample)")
+    p.add_argument("--kmeans-seed", type=int, default=0, help="first k-means seed (and the subsample's)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary pickled objects in --official checkpoints (trusted files only)")
     return p
@@ -839,6 +1567,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.kmeans and (args.kmeans_restarts < 1 or args.kmeans_samples < 1):
+            raise EvalError("--kmeans-restarts and --kmeans-samples must be >= 1")
+        if args.kmeans and not (args.run or args.official or args.audit):
+            raise EvalError("--kmeans goes with --run, --official or --audit")
+        if args.propagation and not (args.run or args.official):
+            raise EvalError("--propagation goes with --run or --official")
+        if args.propagation and (args.crf or args.kmeans):
+            raise EvalError("--propagation reports on the loss's sets; evaluate with --crf/--kmeans separately")
         if args.summarize:
             s = summarize(args.summarize)
             print(format_summary(s))
@@ -852,6 +1588,10 @@ def main(argv=None) -> int:
             return 0
         if args.batch_size < 1:
             raise EvalError("--batch-size must be >= 1")
+        if args.audit:
+            return _audit_cli(args)
+        if args.propagation:
+            return _propagation_cli(args)
         return _knn_cli(args) if args.knn else _evaluate_cli(args)
     except EvalError as e:
         msg = " ".join(str(e).split())

@@ -587,12 +587,18 @@ def _fp16(x: float) -> float:
 
 
 def propagate(f: torch.Tensor, anchor_rows: torch.Tensor, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb,
-              no_ambiguity=False):
+              no_ambiguity=False, trace: list | None = None):
     """Move each anchor's proxy toward the dense region of its positives.
 
     f [N,D] unit rows, anchor_rows [a] global row ids -> (positive mask [a,N] without the anchor itself,
     negative mask [a,N] (sim < Psi), counted positives [a], counted negatives [a]).
     Proxies are mask @ f products: no [a,N,D] tensor is ever built (the authors' code builds one).
+
+    trace: None (training: nothing is recorded and nothing extra computed), or a list that receives one
+    dict per step t = 0..T (eval.py --propagation measures the paper's claim with it): 'pos', 'neg' [a,N]
+    bool, the sets this function would return had it stopped after step t (anchor excluded); 'sim' [a,N],
+    the similarity to the step's proxy (t = 0: the anchor itself); 'phi', 'psi' [a,1], the boundaries
+    Phi_t and Psi_t that defined them (t = 0: the exact Phi_0, as the positives use it).
     """
     N = f.shape[0]
     fa = f[anchor_rows]
@@ -600,6 +606,8 @@ def propagate(f: torch.Tensor, anchor_rows: torch.Tensor, *, phi0, psi0, prop_it
     pos = sim > phi0                                            # P0 = {j : s_j > Phi0}
     phi = torch.full((len(anchor_rows), 1), _fp16(phi0), device=f.device)
     psi = torch.full((len(anchor_rows), 1), _fp16(psi0), device=f.device)
+    if trace is not None:
+        _trace_step(trace, anchor_rows, sim, pos, torch.full_like(phi, phi0), psi, no_ambiguity)
     v_prev = fa
     for _ in range(prop_iter):
         v = F.normalize((pos.to(f.dtype) @ f) / N, dim=1)       # proxy: mean of positives, re-normalised
@@ -609,11 +617,21 @@ def propagate(f: torch.Tensor, anchor_rows: torch.Tensor, *, phi0, psi0, prop_it
         phi = phi - moved / sigma_pos                           #             -> looser positive boundary
         pos = sim > phi
         v_prev = v
+        if trace is not None:
+            _trace_step(trace, anchor_rows, sim, pos, phi, psi, no_ambiguity)
     neg = ~pos if no_ambiguity else sim < psi
     self_mask = torch.zeros_like(pos)
     self_mask[torch.arange(len(anchor_rows), device=f.device), anchor_rows] = True
     pos = pos & ~self_mask
     return pos, neg & ~self_mask, pos.sum(1), neg.sum(1)
+
+
+def _trace_step(trace: list, anchor_rows, sim, pos, phi, psi, no_ambiguity) -> None:
+    """propagate's diagnostics: the sets of one step, as propagate would return them (see its docstring)."""
+    others = torch.ones_like(pos)
+    others[torch.arange(len(anchor_rows), device=pos.device), anchor_rows] = False
+    neg = ~pos if no_ambiguity else sim < psi
+    trace.append({"pos": pos & others, "neg": neg & others, "sim": sim, "phi": phi, "psi": psi})
 
 
 class _AnchorLogProb(torch.autograd.Function):
@@ -958,6 +976,11 @@ def scores(confusion, hungarian: bool) -> dict:
     return out
 
 
+# Probes whose predictions are cluster ids (scored after the Hungarian matching), by name prefix: the cluster
+# probe (and its CRF) and eval.py's k-means diagnostic. Every other probe predicts classes.
+MATCHED_PROBES = ("cluster", "kmeans")
+
+
 def _unpack_batch(batch):
     return (batch["img"], batch["label"]) if isinstance(batch, dict) else (batch[0], batch[1])
 
@@ -969,9 +992,10 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
 
     Per batch: code = model(img)['code'] upsampled bilinearly (align_corners=False) to the label size;
     linear prediction = argmax(linear_probe(code)); cluster prediction = argmax of the cosine scores with
-    the centroids. ``refine(img, linear_logits, cluster_scores) -> {probe: pred}`` adds predictions (eval.py's
-    CRF); a probe whose name starts with 'cluster' is Hungarian-matched. One confusion matrix per probe over
-    the loader. ``amp``: autocast dtype or None (fp32).
+    the centroids. ``refine(img, linear_logits, cluster_scores, code) -> {probe: pred}`` (code: the upsampled
+    code [B,D,H,W]) adds predictions (eval.py's CRF and k-means); a probe whose name starts with one of
+    MATCHED_PROBES predicts cluster ids and is Hungarian-matched, the others predict classes. One confusion
+    matrix per probe over the loader. ``amp``: autocast dtype or None (fp32).
 
     Returns a flat dict; for each probe P: P_mIoU, P_Acc (x100), P_IoU (per class), P_IoU_extra (K > C),
     P_confusion [C,K], P_assignment, P_matched (see ``scores``); plus n_images and examples (dicts of uint8
@@ -998,7 +1022,7 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
                 inner = model.cluster_probe.inner(code)
             preds = {"cluster": inner.argmax(1), "linear": linear_logits.argmax(1)}
             if refine is not None:
-                preds.update(refine(img, linear_logits, inner))
+                preds.update(refine(img, linear_logits, inner, code))
             for k, p in preds.items():
                 if k not in confs:
                     confs[k] = torch.zeros(n_classes, n_clusters if k.startswith("cluster") else n_classes,
@@ -1015,7 +1039,7 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
     out = {}
     for k, conf in confs.items():
         conf = conf.cpu()
-        sc = scores(conf, hungarian=k.startswith("cluster"))
+        sc = scores(conf, hungarian=k.startswith(MATCHED_PROBES))
         out[f"{k}_mIoU"], out[f"{k}_Acc"] = sc["mIoU"], sc["Acc"]
         if "IoU_extra" in sc:
             out[f"{k}_IoU_extra"] = sc["IoU_extra"]
