@@ -1444,7 +1444,8 @@ def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, 
     -> (the metrics.json document, written to its folder; ppap.evaluate's result; class names).
     ``dense_crf``: the loaded CRF op when args.crf (loaded here if None)."""
     t0 = time.time()
-    device = ppap.pick_device(args.device)
+    device = ppap.setup_distributed(args.device)      # under torchrun: this process's device, val shard
+    progress = progress and ppap.dist_world()[0] == 0
     crf_on = crf_device(args.crf_device, device) if args.crf else None
     if args.crf and dense_crf is None:
         dense_crf = load_crf(crf_on)  # fail fast, before loading anything
@@ -1479,7 +1480,10 @@ def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, 
     }
     if km is not None:
         meta["kmeans"] = km
-    doc = write_outputs(res, names, out_dir, meta, crf=args.crf)
+    if ppap.dist_world()[0] == 0:                     # the counts are the job's: rank 0 writes them
+        doc = write_outputs(res, names, out_dir, meta, crf=args.crf)
+    else:
+        doc = {**meta, "pngs": {}}
     doc["out_dir"] = out_dir
     return doc, res, names
 
@@ -1517,7 +1521,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "audit the released ones, measure propagation, summarise seeds, "
                                             "or build kNN image tables.")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--run", help="run directory or checkpoint .pt of ours")
+    g.add_argument("--run-dir", "--run", dest="run", help="run directory or checkpoint .pt of ours (--run-dir "
+                   "under torchrun, which reads --run as its own --run-path)")
     g.add_argument("--official", help="authors' released checkpoint (.pth)")
     g.add_argument("--summarize", nargs="+", metavar="RUN", help="mean ± std over runs (seeds)")
     g.add_argument("--knn", action="store_true", help="each image's nearest images by backbone features "
@@ -1566,7 +1571,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    with ppap.job_output():
+        return _main(args)
+
+
+def _main(args) -> int:
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.run or args.official) or \
+                (int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.kmeans or args.propagation)):
+            raise EvalError("under torchrun, eval.py evaluates --run/--official (the val set is shared out); "
+                            "run --summarize, --knn, --audit, --kmeans and --propagation as one process")
         if args.kmeans and (args.kmeans_restarts < 1 or args.kmeans_samples < 1):
             raise EvalError("--kmeans-restarts and --kmeans-samples must be >= 1")
         if args.kmeans and not (args.run or args.official or args.audit):
@@ -1594,11 +1608,11 @@ def main(argv=None) -> int:
             return _propagation_cli(args)
         return _knn_cli(args) if args.knn else _evaluate_cli(args)
     except EvalError as e:
-        msg = " ".join(str(e).split())
+        msg = ppap.one_line(e)
         if msg.startswith("CRF unavailable"):
             print(msg, file=sys.stderr)
         else:
-            print(f"error: {msg}", file=sys.stderr)
+            ppap.report_error(e)
         return 2
 
 

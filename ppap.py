@@ -111,7 +111,7 @@ class Config:
     num_workers: int = _f(-1, "DataLoader worker processes (-1 = from the machine's cores, at most "
                           "MAX_LOADER_WORKERS; 0 = in the main process)")
     crop_workers: int = _f(0, "processes building the five-crop cache (0 = all cores)")
-    run: str = _f("", "run directory; empty = runs/<data>_<arch><patch>_<time>")
+    run: str = _f("", "run directory (--run-dir; --run with plain python); empty = runs/<data>_<arch><patch>_<time>")
     resume: str = _f("", "a run directory (or its last.pt) to continue exactly")
     progress: bool = _f(True, "progress bars")
 
@@ -499,6 +499,11 @@ class ClusterProbe(nn.Module):
         """[B,D,H,W] -> cosine scores [B,K,H,W]."""
         return torch.einsum("bdhw,kd->bkhw", F.normalize(code, dim=1), F.normalize(self.clusters, dim=1))
 
+    @staticmethod
+    def loss(scores):
+        """The authors' cluster loss on scores [B,K,H,W]: minus the mean of each pixel's best score."""
+        return -scores.max(1).values.mean()
+
     def forward(self, code, alpha: float | None = None):
         """-> (loss, probs [B,K,H,W]): one-hot argmax (alpha None) or softmax(alpha * scores)."""
         s = self.inner(code)
@@ -506,7 +511,7 @@ class ClusterProbe(nn.Module):
             probs = F.one_hot(s.argmax(1), s.shape[1]).permute(0, 3, 1, 2).to(s.dtype)
         else:
             probs = torch.softmax(alpha * s, dim=1)
-        return -(probs * s).sum(1).mean(), probs
+        return self.loss(s) if alpha is None else -(probs * s).sum(1).mean(), probs
 
 
 class PPAP(nn.Module):
@@ -530,13 +535,16 @@ class PPAP(nn.Module):
         self.backbone.eval()           # frozen: never in training mode (it has no dropout, but be explicit)
         return self
 
-    def forward(self, x, crit_keep: torch.Tensor | None = None):
+    def forward(self, x, crit_keep: torch.Tensor | None = None, probes: bool = False):
         """x normalised [B,3,H,W] -> {'code' [B,D,h,w], 'z' [B*h*w,D] unit rows, 'crit' [B,D,h,w]};
         h = patch_grid(H, p): a side that is not a multiple of the patch is resized first (fit_to_patch).
 
         The head (a copy of the last block) sees every token, CLS and registers included, as the
         backbone's last block does; code, z and crit keep only the h*w patch tokens.
-        crit_keep [B,D]: the criterion dropout in training (crit_dropout_mask); None leaves crit as is."""
+        crit_keep [B,D]: the criterion dropout in training (crit_dropout_mask); None leaves crit as is.
+        probes: also the probes' outputs on the detached code (training: the probes learn inside the same
+        forward call, as DistributedDataParallel needs): 'linear_logits' [B,C,h,w], 'cluster_scores'
+        [B,K,h,w]."""
         x = fit_to_patch(x, self.patch_size)
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
@@ -549,7 +557,11 @@ class PPAP(nn.Module):
             crit = crit * crit_keep.to(crit.device, crit.dtype)[:, :, None, None]
         code = grid(self.backbone.norm(self.head(t11)))
         z = F.normalize(self.proj(code.permute(0, 2, 3, 1).reshape(B * h * w, -1)), dim=1)
-        return {"code": code, "z": z, "crit": crit}
+        out = {"code": code, "z": z, "crit": crit}
+        if probes:
+            out["linear_logits"] = self.linear_probe(code.detach())
+            out["cluster_scores"] = self.cluster_probe.inner(code.detach())
+        return out
 
     def head_parameters(self):
         return list(self.head.parameters()) + list(self.proj.parameters())
@@ -626,41 +638,6 @@ def propagate(f: torch.Tensor, anchor_rows: torch.Tensor, *, phi0, psi0, prop_it
     return pos, neg & ~self_mask, pos.sum(1), neg.sum(1)
 
 
-def _trace_step(trace: list, anchor_rows, sim, pos, phi, psi, no_ambiguity) -> None:
-    """propagate's diagnostics: the sets of one step, as propagate would return them (see its docstring)."""
-    others = torch.ones_like(pos)
-    others[torch.arange(len(anchor_rows), device=pos.device), anchor_rows] = False
-    neg = ~pos if no_ambiguity else sim < psi
-    trace.append({"pos": pos & others, "neg": neg & others, "sim": sim, "phi": phi, "psi": psi})
-
-
-class _AnchorLogProb(torch.autograd.Function):
-    """mean over P of log p_aj for a block of anchors, -> [a]. Autograd would keep the [a,N] logits (and a
-    masked copy) of every block for the backward pass; this keeps one byte per entry (the positive /
-    negative / ambiguous code) and recomputes the logits with one more matrix product."""
-
-    @staticmethod
-    def forward(ctx, z, rows, code, tau):
-        """z [N,D], rows [a] anchor rows, code [a,N] uint8 (2 positive, 1 negative, 0 ambiguous or self)."""
-        logits = (z[rows] @ z.T) / tau
-        pos, denom = code == 2, code > 0
-        log_denom = torch.logsumexp(logits.masked_fill(~denom, float("-inf")), dim=1)
-        n_pos = pos.sum(1)
-        ctx.save_for_backward(z, rows, code, log_denom, n_pos)
-        ctx.tau = tau
-        return (logits * pos).sum(1) / n_pos - log_denom
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, rows, code, log_denom, n_pos = ctx.saved_tensors
-        za = z[rows]
-        p = torch.exp((za @ z.T) / ctx.tau - log_denom[:, None]).masked_fill_(code == 0, 0)
-        g = grad[:, None] * ((code == 2) / n_pos[:, None] - p) / ctx.tau     # d out / d(za @ z.T)
-        dz = g.T @ za
-        dz.index_add_(0, rows, g @ z)
-        return dz, None, None, None
-
-
 def ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau, group=784,
               no_ambiguity=False, chunk_elems=None, groups=None, n_groups_total=None):
     """The PPAP contrastive loss.
@@ -713,19 +690,59 @@ def ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau
     return loss, stats
 
 
+class _AnchorLogProb(torch.autograd.Function):
+    """mean over P of log p_aj for a block of anchors, -> [a]. Autograd would keep the [a,N] logits (and a
+    masked copy) of every block for the backward pass; this keeps one byte per entry (the positive /
+    negative / ambiguous code) and recomputes the logits with one more matrix product."""
+
+    @staticmethod
+    def forward(ctx, z, rows, code, tau):
+        """z [N,D], rows [a] anchor rows, code [a,N] uint8 (2 positive, 1 negative, 0 ambiguous or self)."""
+        logits = (z[rows] @ z.T) / tau
+        pos, denom = code == 2, code > 0
+        log_denom = torch.logsumexp(logits.masked_fill(~denom, float("-inf")), dim=1)
+        n_pos = pos.sum(1)
+        ctx.save_for_backward(z, rows, code, log_denom, n_pos)
+        ctx.tau = tau
+        return (logits * pos).sum(1) / n_pos - log_denom
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, rows, code, log_denom, n_pos = ctx.saved_tensors
+        za = z[rows]
+        p = torch.exp((za @ z.T) / ctx.tau - log_denom[:, None]).masked_fill_(code == 0, 0)
+        g = grad[:, None] * ((code == 2) / n_pos[:, None] - p) / ctx.tau     # d out / d(za @ z.T)
+        dz = g.T @ za
+        dz.index_add_(0, rows, g @ z)
+        return dz, None, None, None
+
+
+def _trace_step(trace: list, anchor_rows, sim, pos, phi, psi, no_ambiguity) -> None:
+    """propagate's diagnostics: the sets of one step, as propagate would return them (see its docstring)."""
+    others = torch.ones_like(pos)
+    others[torch.arange(len(anchor_rows), device=pos.device), anchor_rows] = False
+    neg = ~pos if no_ambiguity else sim < psi
+    trace.append({"pos": pos & others, "neg": neg & others, "sim": sim, "phi": phi, "psi": psi})
+
+
 def loss_args(cfg: Config) -> dict:
     """Config -> the keyword arguments of ppap_loss: the one place the loss reads its hyper-parameters."""
     return dict(phi0=cfg.phi0, psi0=cfg.psi0, prop_iter=cfg.prop_iter, sigma_pos=cfg.sigma_pos,
                 sigma_amb=cfg.sigma_amb, tau=cfg.tau, group=cfg.group, no_ambiguity=cfg.no_ambiguity)
 
 
-def contrastive_loss(cfg: Config, z: torch.Tensor, crit: torch.Tensor, generator: torch.Generator | None = None):
-    """The training step's contrastive term: z [N,D], crit [B,D,h,w] -> (loss, stats dict).
+def contrastive_loss(cfg: Config, z: torch.Tensor, f: torch.Tensor, generator: torch.Generator | None = None,
+                     part: tuple[int, int] = (0, 1)):
+    """The training step's contrastive term: z [N,D] (with gradient) and the criterion features f [N,D] of the
+    whole batch (in a job of several processes: every process's rows, gathered). The anchors of all groups
+    are drawn (the same draws in every process); part = (k, n): compute the k-th of n consecutive shares of
+    the groups. -> (this share: sum over its groups / all groups, so the shares add up to the loss; stats).
 
-    A fork swaps the loss here (and in loss_args); the step logs whatever statistics it returns."""
-    f = crit.permute(0, 2, 3, 1).reshape(-1, crit.shape[1])
+    A fork swaps the loss here (and in loss_args); the step logs whatever statistics it returns, averaged
+    over the processes as means per group."""
     anchors = draw_anchors(f.shape[0], cfg.group, cfg.group // cfg.trainpatchsplit, generator)
-    return ppap_loss(z, f, anchors, **loss_args(cfg))
+    groups = torch.tensor_split(torch.arange(len(anchors)), part[1])[part[0]]
+    return ppap_loss(z, f, anchors[groups], groups=groups, n_groups_total=len(anchors), **loss_args(cfg))
 
 
 # ==== TRAIN STEP, VALIDATION AND LOOP ====
@@ -778,16 +795,15 @@ def build_optimizers(cfg: Config, model: PPAP):
             "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=cfg.cluster_lr)}
 
 
-def probe_losses(model: PPAP, code, label):
-    """Linear-probe cross-entropy (logits upsampled to the label size) + cluster-probe loss, on code.detach()."""
-    code = code.detach()
-    logits = F.interpolate(model.linear_probe(code), label.shape[-2:], mode="bilinear", align_corners=False)
-    logits = logits.permute(0, 2, 3, 1).reshape(-1, model.n_classes)
+def probe_losses(out: dict, label, n_classes: int):
+    """The probes' losses from PPAP.forward(..., probes=True) -> (sum of the linear-probe cross-entropy over
+    the labelled pixels (logits upsampled to the label size), number of those pixels, cluster-probe loss)."""
+    logits = F.interpolate(out["linear_logits"], label.shape[-2:], mode="bilinear", align_corners=False)
+    logits = logits.permute(0, 2, 3, 1).reshape(-1, n_classes)
     flat = label.reshape(-1)
-    keep = (flat >= 0) & (flat < model.n_classes)
-    linear = F.cross_entropy(logits[keep].float(), flat[keep]) if keep.any() else logits.sum() * 0
-    cluster, _ = model.cluster_probe(code, None)
-    return linear, cluster
+    keep = (flat >= 0) & (flat < n_classes)
+    linear_sum = F.cross_entropy(logits[keep].float(), flat[keep], reduction="sum")
+    return linear_sum, keep.sum(), ClusterProbe.loss(out["cluster_scores"])
 
 
 class Diverged(PPAPError):
@@ -816,36 +832,56 @@ def _has_grad(opt) -> bool:
 
 def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch.Generator | None = None) -> dict:
     """One step: forward, contrastive loss + probe losses, backward, clip, the three optimisers.
-    `generator` draws the step's randomness (criterion dropout, anchors). -> stats: the losses, the gradient
-    norm, whatever statistics the contrastive loss reports, and 'skipped' (1 when some gradients were not
-    finite: the optimisers holding them did not step, as GradScaler does per optimiser, and fp16 loss scaling
-    halved its scale)."""
+
+    `batch` is this process's share of the global batch; `generator` draws the step's randomness (criterion
+    dropout, anchors) for the global batch, identically in every process. In a job of several processes
+    each one's objective is its share of the one-process loss times the world size, so that the
+    DistributedDataParallel average of the gradients is the one-process gradient (the gathered z carries
+    the other processes' gradients back, see gather_rows). -> stats of the global batch: the losses, the
+    gradient norm, whatever statistics the contrastive loss reports, and 'skipped' (1 when some gradients
+    were not finite: the optimisers holding them did not step, as GradScaler does per optimiser, and fp16
+    loss scaling halved its scale)."""
+    rank, world = dist_world()
+    core = unwrap(model)
     img = batch["img"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
     for o in opts.values():
         o.zero_grad(set_to_none=True)
     dtype = amp_dtype(cfg, device)
-    keep = crit_dropout_mask(img.shape[0], model.dim, generator)
+    B = img.shape[0]
+    keep = crit_dropout_mask(B * world, core.dim, generator)[rank * B:(rank + 1) * B]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        out = model(img, crit_keep=keep)
-        linear, cluster = probe_losses(model, out["code"], label)
-    loss = linear + cluster
-    stats = {}
+        out = model(img, crit_keep=keep, probes=True)
+        linear_sum, n_labelled, cluster = probe_losses(out, label, core.n_classes)
+    n_labelled = all_sum(n_labelled.float())
+    linear = linear_sum / n_labelled.clamp(min=1)          # this share of the mean over the global batch
+    cluster = cluster / world
+    objective, values, stats = linear + cluster, [linear.detach(), cluster.detach()], {}
     if cfg.ppap_weight:    # weight 0 is the baseline: no gradient reaches head/projection
-        loss_ppap, stats = contrastive_loss(cfg, out["z"], out["crit"], generator)
-        loss = loss + cfg.ppap_weight * loss_ppap
-        stats = {"ppap": loss_ppap.item(), **stats}
-    if not math.isfinite(loss.item()):
-        raise Diverged(f"the loss is {loss.item()} (ppap {stats.get('ppap', 0.0):.4g}, linear {linear.item():.4g}, "
-                       f"cluster {cluster.item():.4g})")
-    scaler.scale(loss).backward()
+        crit = out["crit"]
+        f = crit.permute(0, 2, 3, 1).reshape(-1, crit.shape[1]).detach()
+        loss_ppap, stats = contrastive_loss(cfg, gather_rows(out["z"]), gather_rows(f), generator, (rank, world))
+        objective = objective + cfg.ppap_weight * loss_ppap
+        values.append(loss_ppap.detach())
+    # one collective for the logged values: the losses are summed, the statistics averaged per group
+    G = world * out["z"].shape[0] // cfg.group if cfg.ppap_weight else 1
+    mine = len(torch.tensor_split(torch.arange(G), world)[rank]) / G
+    packed = all_sum(torch.stack([*values, *(torch.tensor(float(v), device=device) * mine for v in stats.values())]))
+    linear_v, cluster_v, *rest = packed.tolist()
+    loss_v = linear_v + cluster_v + (cfg.ppap_weight * rest[0] if cfg.ppap_weight else 0.0)
+    stats = {**({"ppap": rest[0]} if cfg.ppap_weight else {}), **dict(zip(stats, rest[1:]))}
+    if not math.isfinite(loss_v):
+        raise Diverged(f"the loss is {loss_v} (" + ", ".join(f"{k} {v:.4g}" for k, v in
+                                                             [("linear", linear_v), ("cluster", cluster_v),
+                                                              *stats.items()]) + ")")
+    scaler.scale(objective * world).backward()
     # Only optimisers whose parameters received a gradient step (with --ppap-weight 0 the head gets none, and
     # GradScaler.step refuses an optimiser it has recorded no inf check for).
     stepping = [o for o in opts.values() if _has_grad(o)]
     gnorm = 0.0
     if _has_grad(opts["net"]):
         scaler.unscale_(opts["net"])
-        gnorm = float(nn.utils.clip_grad_norm_(model.head_parameters(), cfg.grad_clip))
+        gnorm = float(nn.utils.clip_grad_norm_(core.head_parameters(), cfg.grad_clip))
     with deferred_interrupt():
         if scaler.is_enabled():
             scale = scaler.get_scale()
@@ -860,8 +896,82 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch
                 if ok:
                     o.step()
             skipped = not all(finite)
-    return {"loss": loss.item(), "linear": linear.item(), "cluster": cluster.item(), "grad_norm": gnorm,
-            **stats, "skipped": int(skipped)}
+    return {"loss": loss_v, "linear": linear_v, "cluster": cluster_v, "grad_norm": gnorm, **stats,
+            "skipped": int(skipped)}
+
+
+# ---- several processes (torchrun): the same training as one process at the same global batch
+# torchrun starts one process per GPU (or CPU worker) with RANK, LOCAL_RANK, WORLD_SIZE in the environment.
+# --batch-size stays the global batch; each process takes its slice of every global batch (make_loader) and
+# of every random draw (train_step), the loss sees every process's rows (gather_rows), and the validation
+# sums each process's confusion matrices (evaluate). Rank 0 alone prints, logs and writes checkpoints.
+
+def dist_world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a job of several processes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def setup_distributed(device_name: str, global_batch: int | None = None) -> torch.device:
+    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU) and pick this process's device (GPU
+    LOCAL_RANK); a plain `python ppap.py` just gets its device. Bad setups fail in every process alike, before
+    any process waits for another."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world <= 1 or torch.distributed.is_initialized():
+        return device
+    local, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if global_batch is not None and global_batch % world:
+        raise PPAPError(f"--batch-size {global_batch} (the global batch) is not divisible by the "
+                        f"{world} processes of this job")
+    if device.type == "cuda":
+        if local_world > torch.cuda.device_count():
+            raise PPAPError(f"this node runs {local_world} processes but torch sees {torch.cuda.device_count()} "
+                            f"GPU(s); use --nproc-per-node {torch.cuda.device_count()} or fewer")
+        if not torch.distributed.is_nccl_available():
+            raise PPAPError("this torch build has no NCCL, which CUDA jobs of several processes need; run on "
+                            "one GPU, or use --device cpu (gloo)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def unwrap(model) -> "PPAP":
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the processes (the tensor itself in one process)."""
+    if dist_world()[1] > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+class _GatherRows(torch.autograd.Function):
+    """[n,D] per process -> [world*n, D], the processes' rows in rank order. Backward: every process's loss
+    depends on every row, so the row gradients are summed over the processes before each takes its own."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist_world()[1])]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank, world = dist_world()
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        n = grad.shape[0] // world
+        return grad[rank * n:(rank + 1) * n]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of x, concatenated in rank order (x itself in one process), with gradient."""
+    return _GatherRows.apply(x) if dist_world()[1] > 1 else x
 
 
 # ---- validation metrics (the authors' utils/seg_utils.py UnsupervisedMetrics)
@@ -1036,6 +1146,16 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
             n_images += img.shape[0]
     finally:
         model.train(was_training)
+    if dist_world()[1] > 1:                     # each process saw its share of the images: add the counts up
+        names = [None] * dist_world()[1]
+        torch.distributed.all_gather_object(names, sorted(confs))
+        for k in sorted(set().union(*names)):
+            if k not in confs:
+                confs[k] = torch.zeros(n_classes, n_clusters if k.startswith("cluster") else n_classes,
+                                       dtype=torch.int64, device=device)
+            confs[k] = all_sum(confs[k])
+        confs = {k: confs[k] for k in sorted(confs, key=lambda k: (k not in ("cluster", "linear"), k))}
+        n_images = int(all_sum(torch.tensor(n_images, device=device)))
     out = {}
     for k, conf in confs.items():
         conf = conf.cpu()
@@ -1073,13 +1193,20 @@ def _format_stats(st: dict) -> dict:
 
 def train(cfg: Config, ckpt: dict | None = None) -> dict:
     """Train PPAP as configured (continuing ``ckpt`` when given); returns the final validation metrics.
-    Everything goes to cfg.run, which this process holds locked while it trains."""
-    device = pick_device(cfg.device)
+    Everything goes to cfg.run, which this process (rank 0 of a job) holds locked while it trains."""
+    device = setup_distributed(cfg.device, cfg.batch_size)
+    rank, world = dist_world()
     if not cfg.run:
         backbone = cfg.arch if cfg.arch in DINOV2_PRESET_FROM else f"{cfg.arch}{cfg.patch}"   # dinov2_vits14: has it
         cfg.run = os.path.join("runs", f"{cfg.data}_{backbone}_{time.strftime('%Y%m%d-%H%M%S')}")
+    if world > 1:                                        # the processes' clocks may straddle a second
+        name = [cfg.run]
+        torch.distributed.broadcast_object_list(name, src=0)
+        cfg.run = name[0]
     continuing = ckpt is not None and os.path.dirname(ckpt["_file"]) == os.path.abspath(cfg.run)
-    with claim_run_dir(cfg.run, continuing):
+    with claim_run_dir(cfg.run, continuing) if rank == 0 else contextlib.nullcontext():
+        if world > 1:
+            torch.distributed.barrier()                  # rank 0 has checked the run directory
         return _train(cfg, ckpt, device)
 
 
@@ -1093,6 +1220,9 @@ def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)          # the model's initialisation (the authors' seed_everything)
     banner("data")
+    rank, world = dist_world()
+    if int(os.environ.get("LOCAL_RANK", "0")):
+        time.sleep(2)       # let local rank 0 build a missing five-crop set (and show its progress); we wait
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     if cfg.val_limit:
         val_set = subset(val_set, range(min(cfg.val_limit, len(val_set))))
@@ -1101,18 +1231,22 @@ def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
     if len(train_set) < cfg.batch_size:
         raise PPAPError(f"the train set has {len(train_set)} images, fewer than --batch-size {cfg.batch_size}")
     h = cfg.img_size // cfg.patch
-    if cfg.ppap_weight and cfg.batch_size * h * h < cfg.group:
+    if cfg.ppap_weight and cfg.batch_size * h * h < cfg.group * world:
         raise PPAPError(f"a batch of {cfg.batch_size} has {cfg.batch_size * h * h} patches, fewer than one "
-                        f"anchor group ({cfg.group}); raise --batch-size or lower --group")
+                        f"anchor group ({cfg.group}) per process; raise --batch-size or lower --group")
 
     banner("model")
-    model = build_model(cfg, train_set.n_classes).to(device)
-    opts = build_optimizers(cfg, model)
+    core = build_model(cfg, train_set.n_classes).to(device)
+    opts = build_optimizers(cfg, core)
+    model = core
+    if world > 1:           # the trained modules' gradients are averaged; the frozen backbone has none
+        model = nn.parallel.DistributedDataParallel(core, device_ids=[device] if device.type == "cuda" else None,
+                                                    find_unused_parameters=not cfg.ppap_weight)
     scaler = make_scaler(cfg, device)
     step_gen = torch.Generator().manual_seed(cfg.seed)   # anchors and criterion dropout, step after step
     step, best, n_skipped = 0, None, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        core.load_state_dict(ckpt["model"])
         for k, o in opts.items():
             o.load_state_dict(ckpt["optim"][k])
         if scaler.is_enabled() and ckpt["scaler"]:        # a CPU or bf16 run has no scaler state to restore
@@ -1123,9 +1257,10 @@ def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
         step_gen.set_state(ckpt["rng"]["step"])
         step, best, n_skipped = ckpt["step"], ckpt.get("best"), ckpt.get("skipped_steps", 0)
         print(f"resumed {cfg.run} at step {step}")
-    n_train = sum(p.numel() for p in model.head_parameters())
-    print(f"{cfg.arch}/{cfg.patch}: {sum(p.numel() for p in model.backbone.parameters()) / 1e6:.1f}M frozen, "
-          f"{n_train / 1e6:.2f}M trained (head + projection)")
+    n_train = sum(p.numel() for p in core.head_parameters())
+    print(f"{cfg.arch}/{cfg.patch}: {sum(p.numel() for p in core.backbone.parameters()) / 1e6:.1f}M frozen, "
+          f"{n_train / 1e6:.2f}M trained (head + projection)" + (f"; {world} processes, {cfg.batch_size // world} "
+                                                                  f"images each per step" if world > 1 else ""))
 
     steps_per_epoch = len(train_set) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
@@ -1138,17 +1273,25 @@ def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
     full_loader = make_loader(cfg, val_set, train=False, batch_size=val_bs, persistent=periodic_set is val_set)
     periodic_loader = full_loader if periodic_set is val_set else \
         make_loader(cfg, periodic_set, train=False, batch_size=val_bs, persistent=True)
-    log = RunLog(os.path.join(cfg.run, "log.jsonl"), after=step if ckpt is not None else 0)
+    log = RunLog(os.path.join(cfg.run, "log.jsonl"), after=step if ckpt is not None else 0) if rank == 0 else None
     saved = step if ckpt is not None else None            # the step last.pt holds
     step_rng = step_gen.get_state()                        # the generator as the next step starts
 
     def save(selection="last"):
         nonlocal saved
-        bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = [k for k, v in core.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise Diverged(f"non-finite weights ({', '.join(bad[:3])})")
-        save_checkpoint(model, opts, scaler, cfg, step, train_set, best, selection,
-                        rng={"step": step_rng}, skipped_steps=n_skipped)
+        if world > 1:       # every process must hold the same trained weights; say so if they drifted apart
+            sums = torch.stack([p.detach().double().sum() for p in core.parameters() if p.requires_grad])
+            low, high = sums.clone(), sums.clone()
+            torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+            if not torch.equal(low, high):
+                raise PPAPError(f"the {world} processes hold different weights at step {step}")
+        if rank == 0:
+            save_checkpoint(core, opts, scaler, cfg, step, train_set, best, selection,
+                            rng={"step": step_rng}, skipped_steps=n_skipped)
         if selection == "last":
             saved = step
 
@@ -1157,12 +1300,13 @@ def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
         in between, which only draws the curve."""
         nonlocal best
         loader = full_loader if step == total else periodic_loader
-        metrics = evaluate(model, loader, device, amp=amp_dtype(cfg, device), progress=cfg.progress)
+        metrics = evaluate(core, loader, device, amp=amp_dtype(cfg, device), progress=cfg.progress)
         record = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, float)},
                   "val_images": metrics["n_images"], "skipped_steps": n_skipped}
         if scaler.is_enabled():
             record["loss_scale"] = scaler.get_scale()
-        log.append(record)
+        if log is not None:
+            log.append(record)
         print(f"[val step {step}, {metrics['n_images']} images] " + "  ".join(
             f"{k} {v:.2f}" for k, v in record.items() if k.endswith(("_mIoU", "_Acc"))), flush=True)
         if cfg.select_on_val:
@@ -1176,7 +1320,11 @@ def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
 
     banner("train")
     model.train()
-    metrics = log.record(step) if ckpt is not None else None
+    metrics = log.record(step) if ckpt is not None and log is not None else None
+    if world > 1 and ckpt is not None:                  # rank 0 read the log: all processes decide alike
+        shared = [metrics]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        metrics = shared[0]
     if ckpt is not None and metrics is None and step and validation_due(cfg, step, steps_per_epoch, total):
         metrics = run_validation()                       # the interrupted run saved, then failed to validate
     bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc="train", disable=not cfg.progress)
@@ -1893,16 +2041,22 @@ def loader_workers(cfg: Config) -> int:
 def make_loader(cfg: Config, dataset, train: bool, epoch: int = 0, skip: int = 0, batch_size: int | None = None,
                 persistent: bool = False):
     """The DataLoader of every split. Training order is a permutation seeded by (seed, epoch) from a private
-    generator; `skip` drops the batches a resumed run has already seen. Evaluation is in file order.
+    generator; `skip` drops the (global) batches a resumed run has already seen. Evaluation is in file order.
+    In a job of several processes every one draws the same permutation and takes its slice of each global
+    batch (training: batch_size / world consecutive images; evaluation: every world-th image).
     Pinned memory on CUDA; `persistent` keeps the workers between passes (the periodic validation)."""
+    rank, world = dist_world()
     bs = batch_size or cfg.batch_size
-    # A private generator: iterating a DataLoader must not draw from the global RNG that anchors and
-    # dropout use, or a resumed run would diverge from an uninterrupted one.
+    # A private generator: iterating a DataLoader must not draw from the global RNG, and the same seed gives
+    # the same order in every process and in a resumed run.
     g = torch.Generator().manual_seed(cfg.seed * SEED_STRIDE + epoch)
     if train:
-        sampler = torch.randperm(len(dataset), generator=g)[skip * bs:(len(dataset) // bs) * bs].tolist()
+        order = torch.randperm(len(dataset), generator=g)[skip * bs:(len(dataset) // bs) * bs]
+        local = bs // world
+        sampler = order.view(-1, world, local)[:, rank].reshape(-1).tolist()
+        bs = local
     else:
-        sampler = range(len(dataset))
+        sampler = range(rank, len(dataset), world)
     workers = loader_workers(cfg)
     return torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=workers,
                                        drop_last=train, pin_memory=pick_device(cfg.device).type == "cuda",
@@ -2074,6 +2228,12 @@ RESUME_FLAGS = ("resume", "max_steps", "epochs", "device", "num_workers", "crop_
                 "val_every", "val_limit")
 
 
+# torchrun parses the whole command line before the script gets it and takes any flag that abbreviates one
+# of its own: `--run` reads as its --run-path. --run-dir is the name that passes through torchrun; --run stays
+# for `python ppap.py`. (tests/test_distributed.py checks every flag against torchrun's parser.)
+FLAG_NAMES = {"run": ("--run-dir", "--run")}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):            # one line, exit code 2 (through main), instead of usage + error
         raise PPAPError(f"{message} (python ppap.py --help lists the flags)")
@@ -2086,13 +2246,14 @@ def build_parser(shown: Config) -> argparse.ArgumentParser:
                 epilog=f"Flags allowed with --resume: {', '.join('--' + k.replace('_', '-') for k in RESUME_FLAGS)}.",
                 formatter_class=argparse.RawTextHelpFormatter)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flags = FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
         value = getattr(shown, f.name)
         help = f"{f.metadata['help']}\n  [{shown.data} preset: {value!r}]"
         if f.type.startswith("bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help)
         else:
-            p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=help)
+            p.add_argument(*flags, dest=f.name, type=type(f.default), default=argparse.SUPPRESS, help=help)
     return p
 
 
@@ -2134,19 +2295,50 @@ def resume_config(overrides: dict) -> tuple[Config, dict]:
 
 
 def main(argv=None) -> int:
-    """`python ppap.py [flags]` trains (or continues a run with --resume)."""
+    """`python ppap.py [flags]` trains (or continues a run with --resume), alone or as one process of a
+    torchrun job."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        overrides = parse_overrides(argv)
-        cfg, ckpt = resume_config(overrides) if overrides.get("resume") else (make_config(overrides), None)
-        train(cfg, ckpt)
-    except PPAPError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
-        return 130
+    with job_output():
+        try:
+            overrides = parse_overrides(argv)
+            cfg, ckpt = resume_config(overrides) if overrides.get("resume") else (make_config(overrides), None)
+            if int(os.environ.get("RANK", "0")):
+                cfg.progress = False                     # one progress bar per job: rank 0's
+            train(cfg, ckpt)
+        except PPAPError as e:
+            report_error(e)
+            return 2
+        except KeyboardInterrupt as e:
+            print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
+            return 130
     return 0
+
+
+@contextlib.contextmanager
+def job_output():
+    """In a torchrun job rank 0 alone prints (the others' stdout goes nowhere); the process group is left
+    cleanly at the end."""
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    stdout = sys.stdout
+    if quiet:
+        sys.stdout = open(os.devnull, "w")
+    try:
+        yield
+    finally:
+        if quiet:
+            sys.stdout.close()
+            sys.stdout = stdout
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def report_error(e: Exception) -> None:
+    """One `error:` line. In a torchrun job the errors every process meets alike (flags, setup) are printed
+    by rank 0 only; once the job runs, another rank's error names the rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank == 0 or joined:
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{one_line(e)}", file=sys.stderr)
 
 
 def one_line(e: Exception) -> str:

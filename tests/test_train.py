@@ -512,7 +512,8 @@ class _InfGrad(torch.autograd.Function):
 def test_a_step_with_non_finite_gradients_is_skipped(amp_dtype, monkeypatch):
     cfg, model, batch = _step_setup(amp_dtype)
     real = ppap.contrastive_loss
-    monkeypatch.setattr(ppap, "contrastive_loss", lambda cfg, z, crit, gen=None: real(cfg, _InfGrad.apply(z), crit, gen))
+    monkeypatch.setattr(ppap, "contrastive_loss",
+                        lambda cfg, z, f, gen=None, part=(0, 1): real(cfg, _InfGrad.apply(z), f, gen, part))
     before = copy.deepcopy(model.state_dict())
     scaler = ppap.make_scaler(cfg, "cpu")
     assert scaler.is_enabled() == (amp_dtype == "fp16")
