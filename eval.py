@@ -136,7 +136,7 @@ def _crf_argmax(dense_crf, img_u8, logits):
 
 # ==== EVALUATION ====
 
-PROBES = ("cluster", "linear", "kmeans", "cluster_crf", "linear_crf")
+PROBES = ("cluster", "cluster_sel", "linear", "kmeans", "cluster_crf", "linear_crf")
 
 
 def crf_refiner(dense_crf, device=None):

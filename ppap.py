@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import glob
 import hashlib
 import json
@@ -83,6 +84,8 @@ class Config:
     group: int = _f(784, "rows per anchor group (the authors' split: one /8 image at 224 px)")
     no_ambiguity: bool = _f(False, "ablation: Psi = Phi, every non-positive is a negative")
     ppap_weight: float = _f(1.0, "weight of the PPAP loss (0 = ablation: probes on the unchanged head)")
+    cluster_probes: int = _f(1, "cluster probes trained side by side from their own random inits (1 = the "
+                             "authors'); >1 adds probe 'cluster_sel': the lowest clustering loss, no labels")
     # -- optimisation (the authors' run.py and json/server/*.json)
     optimizer: str = _f("adamw", "adamw | adam, for head + projection")
     lr: float = _f(1e-3, "learning rate of head + projection")
@@ -177,7 +180,8 @@ def check_config(cfg: Config) -> None:
     """One-line errors for values no run can use."""
     if cfg.arch not in ARCHS:
         raise PPAPError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
-    positive = ("trainpatchsplit", "group", "batch_size", "img_size", "val_size", "epochs", "imagenet_s_classes")
+    positive = ("trainpatchsplit", "group", "batch_size", "img_size", "val_size", "epochs", "imagenet_s_classes",
+                "cluster_probes")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise PPAPError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}")
@@ -430,35 +434,22 @@ class DinoV2ViT(VisionTransformer):
         return torch.cat((t[:, :1], self.register_tokens.expand(t.shape[0], -1, -1).to(t.dtype), t[:, 1:]), dim=1)
 
 
-def _dinov2(name: str, patch_size: int, **kw) -> DinoV2ViT:
+# dinov2/hub/backbones.py: the plain models keep DINO's resize (offset 0.1, no antialias); the register
+# models (4 registers) resize to the exact size with antialiasing. name -> (width, depth, heads, registers)
+DINOV2_SHAPES = {"dinov2_vits14": (384, 12, 6, 0), "dinov2_vitb14": (768, 12, 12, 0),
+                 "dinov2_vits14_reg": (384, 12, 6, 4), "dinov2_vitb14_reg": (768, 12, 12, 4)}
+
+
+def dinov2(name: str, patch_size: int = 14) -> DinoV2ViT:
     if patch_size != 14:
         raise PPAPError(f"{name} has patch size 14, not {patch_size}")
-    return DinoV2ViT(**kw)
-
-
-# dinov2/hub/backbones.py: the plain models keep DINO's resize (offset 0.1, no antialias); the register
-# models (4 registers) resize to the exact size with antialiasing.
-def dinov2_vits14(patch_size: int = 14) -> DinoV2ViT:
-    return _dinov2("dinov2_vits14", patch_size, embed_dim=384, depth=12, num_heads=6)
-
-
-def dinov2_vitb14(patch_size: int = 14) -> DinoV2ViT:
-    return _dinov2("dinov2_vitb14", patch_size, embed_dim=768, depth=12, num_heads=12)
-
-
-def dinov2_vits14_reg(patch_size: int = 14) -> DinoV2ViT:
-    return _dinov2("dinov2_vits14_reg", patch_size, embed_dim=384, depth=12, num_heads=6, n_registers=4,
-                   interp_offset=0.0, interp_antialias=True)
-
-
-def dinov2_vitb14_reg(patch_size: int = 14) -> DinoV2ViT:
-    return _dinov2("dinov2_vitb14_reg", patch_size, embed_dim=768, depth=12, num_heads=12, n_registers=4,
-                   interp_offset=0.0, interp_antialias=True)
+    dim, depth, heads, registers = DINOV2_SHAPES[name]
+    return DinoV2ViT(dim, depth, heads, n_registers=registers, interp_offset=0.0 if registers else 0.1,
+                     interp_antialias=bool(registers))
 
 
 ARCHS = {"vit_small": vit_small, "vit_base": vit_base, "vit_tiny_demo": vit_tiny_demo,
-         "dinov2_vits14": dinov2_vits14, "dinov2_vitb14": dinov2_vitb14,
-         "dinov2_vits14_reg": dinov2_vits14_reg, "dinov2_vitb14_reg": dinov2_vitb14_reg}
+         **{name: functools.partial(dinov2, name) for name in DINOV2_SHAPES}}
 # The patch sizes each arch is built with (--patch): DINO's released ViTs are /8 and /16, DINOv2's /14 only.
 ARCH_PATCHES = {"vit_small": (8, 16), "vit_base": (8, 16), "vit_tiny_demo": (8, 16), "dinov2_vits14": (14,),
                 "dinov2_vitb14": (14,), "dinov2_vits14_reg": (14,), "dinov2_vitb14_reg": (14,)}
@@ -520,7 +511,7 @@ class PPAP(nn.Module):
     Built in the authors' order (DinoFeaturizer, then STEGOmodel): head (a copy, no random draw), projection,
     cluster probe, linear probe, so that one seed gives the authors' initial projection and probes."""
 
-    def __init__(self, backbone: VisionTransformer, n_classes: int):
+    def __init__(self, backbone: VisionTransformer, n_classes: int, cluster_probes: int = 1):
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
         self.head = copy.deepcopy(backbone.blocks[-1]).requires_grad_(True)
@@ -529,6 +520,13 @@ class PPAP(nn.Module):
         self.cluster_probe = ClusterProbe(D, n_classes)
         self.linear_probe = nn.Conv2d(D, n_classes, 1)
         self.n_classes, self.patch_size, self.dim = n_classes, backbone.patch_size, D
+        if cluster_probes > 1:     # drawn after the authors' modules, which keep their initial values
+            self.extra_cluster_probes = nn.ModuleList(ClusterProbe(D, n_classes) for _ in range(cluster_probes - 1))
+            self.register_buffer("cluster_loss_ema", torch.full((cluster_probes,), float("nan")))
+
+    def cluster_probes(self) -> list:
+        """The authors' cluster probe, then the extra ones (--cluster-probes)."""
+        return [self.cluster_probe, *getattr(self, "extra_cluster_probes", [])]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -543,8 +541,8 @@ class PPAP(nn.Module):
         backbone's last block does; code, z and crit keep only the h*w patch tokens.
         crit_keep [B,D]: the criterion dropout in training (crit_dropout_mask); None leaves crit as is.
         probes: also the probes' outputs on the detached code (training: the probes learn inside the same
-        forward call, as DistributedDataParallel needs): 'linear_logits' [B,C,h,w], 'cluster_scores'
-        [B,K,h,w]."""
+        forward call, as DistributedDataParallel needs): 'linear_logits' [B,C,h,w], 'cluster_scores' a list
+        of [B,K,h,w], one per cluster probe."""
         x = fit_to_patch(x, self.patch_size)
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
@@ -560,7 +558,7 @@ class PPAP(nn.Module):
         out = {"code": code, "z": z, "crit": crit}
         if probes:
             out["linear_logits"] = self.linear_probe(code.detach())
-            out["cluster_scores"] = self.cluster_probe.inner(code.detach())
+            out["cluster_scores"] = [p.inner(code.detach()) for p in self.cluster_probes()]
         return out
 
     def head_parameters(self):
@@ -576,7 +574,7 @@ def crit_dropout_mask(batch: int, dim: int, generator: torch.Generator | None = 
 
 
 def build_model(cfg: Config, n_classes: int) -> PPAP:
-    return PPAP(build_backbone(cfg), n_classes)
+    return PPAP(build_backbone(cfg), n_classes, cfg.cluster_probes)
 
 
 # ==== PROPAGATION AND LOSS: progressive proxy anchor propagation with an ambiguity zone ====
@@ -797,13 +795,17 @@ def build_optimizers(cfg: Config, model: PPAP):
 
 def probe_losses(out: dict, label, n_classes: int):
     """The probes' losses from PPAP.forward(..., probes=True) -> (sum of the linear-probe cross-entropy over
-    the labelled pixels (logits upsampled to the label size), number of those pixels, cluster-probe loss)."""
+    the labelled pixels (logits upsampled to the label size), number of those pixels, the cluster probes'
+    losses [K], the authors' probe first)."""
     logits = F.interpolate(out["linear_logits"], label.shape[-2:], mode="bilinear", align_corners=False)
     logits = logits.permute(0, 2, 3, 1).reshape(-1, n_classes)
     flat = label.reshape(-1)
     keep = (flat >= 0) & (flat < n_classes)
     linear_sum = F.cross_entropy(logits[keep].float(), flat[keep], reduction="sum")
-    return linear_sum, keep.sum(), ClusterProbe.loss(out["cluster_scores"])
+    return linear_sum, keep.sum(), torch.stack([ClusterProbe.loss(s) for s in out["cluster_scores"]])
+
+
+CLUSTER_EMA = 0.98        # --cluster-probes: each probe's clustering loss is averaged over the last ~50 steps
 
 
 class Diverged(PPAPError):
@@ -852,11 +854,11 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch
     keep = crit_dropout_mask(B * world, core.dim, generator)[rank * B:(rank + 1) * B]
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         out = model(img, crit_keep=keep, probes=True)
-        linear_sum, n_labelled, cluster = probe_losses(out, label, core.n_classes)
+        linear_sum, n_labelled, clusters = probe_losses(out, label, core.n_classes)
     n_labelled = all_sum(n_labelled.float())
     linear = linear_sum / n_labelled.clamp(min=1)          # this share of the mean over the global batch
-    cluster = cluster / world
-    objective, values, stats = linear + cluster, [linear.detach(), cluster.detach()], {}
+    clusters = clusters / world
+    objective, values, stats = linear + clusters.sum(), [linear.detach(), *clusters.detach()], {}
     if cfg.ppap_weight:    # weight 0 is the baseline: no gradient reaches head/projection
         crit = out["crit"]
         f = crit.permute(0, 2, 3, 1).reshape(-1, crit.shape[1]).detach()
@@ -867,7 +869,13 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch
     G = world * out["z"].shape[0] // cfg.group if cfg.ppap_weight else 1
     mine = len(torch.tensor_split(torch.arange(G), world)[rank]) / G
     packed = all_sum(torch.stack([*values, *(torch.tensor(float(v), device=device) * mine for v in stats.values())]))
-    linear_v, cluster_v, *rest = packed.tolist()
+    linear_v, *rest = packed.tolist()
+    cluster_vs, rest = rest[:len(clusters)], rest[len(clusters):]
+    cluster_v = cluster_vs[0]                            # the authors' probe; extra probes are not their loss
+    if len(cluster_vs) > 1:                              # the label-free choice among the probes
+        ema = core.cluster_loss_ema
+        new = torch.tensor(cluster_vs, device=ema.device)
+        ema.copy_(torch.where(torch.isnan(ema), new, CLUSTER_EMA * ema + (1 - CLUSTER_EMA) * new))
     loss_v = linear_v + cluster_v + (cfg.ppap_weight * rest[0] if cfg.ppap_weight else 0.0)
     stats = {**({"ppap": rest[0]} if cfg.ppap_weight else {}), **dict(zip(stats, rest[1:]))}
     if not math.isfinite(loss_v):
@@ -1131,6 +1139,10 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
                 linear_logits = model.linear_probe(code)
                 inner = model.cluster_probe.inner(code)
             preds = {"cluster": inner.argmax(1), "linear": linear_logits.argmax(1)}
+            if hasattr(model, "extra_cluster_probes"):   # the lowest clustering loss of the probes
+                chosen = model.cluster_probes()[int(torch.nan_to_num(model.cluster_loss_ema, float("inf")).argmin())]
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    preds["cluster_sel"] = chosen.inner(code).argmax(1)
             if refine is not None:
                 preds.update(refine(img, linear_logits, inner, code))
             for k, p in preds.items():
@@ -2201,7 +2213,7 @@ def model_from_checkpoint(ckpt: dict, file: str = "checkpoint") -> tuple[PPAP, C
     cfg = config_from_checkpoint(ckpt)
     if cfg.arch not in ARCHS:
         raise PPAPError(f"{file}: unknown arch {cfg.arch!r}")
-    model = PPAP(ARCHS[cfg.arch](cfg.patch), int(ckpt["n_classes"]))
+    model = PPAP(ARCHS[cfg.arch](cfg.patch), int(ckpt["n_classes"]), cfg.cluster_probes)
     sd = ckpt["model"]
     if "backbone.pos_embed" in sd:
         model.backbone.adopt_pos_grid(sd["backbone.pos_embed"])

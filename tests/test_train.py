@@ -573,3 +573,25 @@ def test_loader_workers_follow_the_machine():
     cores = len(os.sched_getaffinity(0))
     assert cfg.num_workers == -1 and ppap.loader_workers(cfg) == max(0, min(ppap.MAX_LOADER_WORKERS, cores - 1))
     assert ppap.loader_workers(ppap.make_config({"data": "cocostuff", "num_workers": 3})) == 3
+
+
+def test_extra_cluster_probes_leave_the_authors_probe_alone_and_pick_one_without_labels(tmp_path):
+    """--cluster-probes 3: the authors' modules start and train exactly as with one probe; the extra probes
+    are drawn after them; validation adds 'cluster_sel', the probe with the lowest clustering loss."""
+    one, three = str(tmp_path / "one"), str(tmp_path / "three")
+    assert ppap.main(S + ["--run", one]) == 0
+    assert ppap.main(S + ["--cluster-probes", "3", "--run", three]) == 0
+    a = torch.load(os.path.join(one, "last.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(three, "last.pt"), weights_only=True)["model"]
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+    ema = b["cluster_loss_ema"]
+    assert ema.shape == (3,) and torch.isfinite(ema).all()
+    assert not torch.equal(b["extra_cluster_probes.0.clusters"], b["cluster_probe.clusters"])
+    log1, log3 = read_log(one)[-1], read_log(three)[-1]
+    assert log1["cluster_mIoU"] == log3["cluster_mIoU"] and "cluster_sel_mIoU" in log3
+    model, _, _ = ppap.load_run(three)
+    chosen = model.cluster_probes()[int(ema.argmin())]
+    if int(ema.argmin()) == 0:
+        assert log3["cluster_sel_mIoU"] == log3["cluster_mIoU"]
+    assert chosen is model.cluster_probes()[int(torch.argmin(model.cluster_loss_ema))]
