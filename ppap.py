@@ -696,20 +696,22 @@ class _AnchorLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, rows, code, tau):
         """z [N,D], rows [a] anchor rows, code [a,N] uint8 (2 positive, 1 negative, 0 ambiguous or self)."""
-        logits = (z[rows] @ z.T) / tau
-        pos, denom = code == 2, code > 0
-        log_denom = torch.logsumexp(logits.masked_fill(~denom, float("-inf")), dim=1)
+        logits = (z[rows] @ z.T).div_(tau)
+        pos = code == 2
         n_pos = pos.sum(1)
+        pos_sum = (logits * pos).sum(1)
+        log_denom = torch.logsumexp(logits.masked_fill_(code == 0, float("-inf")), dim=1)
         ctx.save_for_backward(z, rows, code, log_denom, n_pos)
         ctx.tau = tau
-        return (logits * pos).sum(1) / n_pos - log_denom
+        return pos_sum / n_pos - log_denom
 
     @staticmethod
     def backward(ctx, grad):
         z, rows, code, log_denom, n_pos = ctx.saved_tensors
         za = z[rows]
-        p = torch.exp((za @ z.T) / ctx.tau - log_denom[:, None]).masked_fill_(code == 0, 0)
-        g = grad[:, None] * ((code == 2) / n_pos[:, None] - p) / ctx.tau     # d out / d(za @ z.T)
+        # d out / d(za @ z.T) = grad * (1[positive] / |P| - softmax over the denominator) / tau
+        g = (za @ z.T).div_(ctx.tau).sub_(log_denom[:, None]).exp_().masked_fill_(code == 0, 0).neg_()
+        g.add_((code == 2) * (1.0 / n_pos)[:, None]).mul_((grad / ctx.tau)[:, None])
         dz = g.T @ za
         dz.index_add_(0, rows, g @ z)
         return dz, None, None, None
