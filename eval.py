@@ -1153,13 +1153,7 @@ def format_propagation(report: dict) -> str:
 def _propagation_cli(args) -> int:
     t0 = time.time()
     device = ppap.pick_device(args.device)
-    model, cfg, info = _load_target(args)
-    cfg = _eval_cfg(cfg, args)
-    loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
-    if int(model.n_classes) != n_classes:
-        raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
-    if info["class_names"] and len(info["class_names"]) == n_classes:
-        names = list(info["class_names"])
+    model, cfg, info, loader, names = _target_and_data(args)
     per_batch = min(args.batch_size, len(loader.dataset)) * (cfg.val_size // cfg.patch) ** 2
     if per_batch < cfg.group:                      # before any forward pass
         raise EvalError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
@@ -1265,7 +1259,7 @@ def audit(args, progress: bool = True) -> dict:
     out_dir = args.out or os.path.join("runs", "audit")
     manifest = read_manifest(ck_dir)
     device = ppap.pick_device(args.device)
-    dense_crf = load_crf(device) if args.crf else None   # fail fast, before any checkpoint
+    dense_crf = load_crf(crf_device(args.crf_device, device)) if args.crf else None   # fail fast
     rows = []
     for m in manifest:
         file = os.path.join(ck_dir, m["name"])
@@ -1439,6 +1433,19 @@ def _eval_cfg(cfg, args):
                                else min(4, os.cpu_count() or 1), **({} if args.amp is None else {"amp": args.amp}))
 
 
+def _target_and_data(args) -> tuple:
+    """--run/--official and the val data it is scored on -> (model on the CPU, cfg for this command, info
+    (see _load_target), val loader, class names); one line if the checkpoint and the data disagree."""
+    model, cfg, info = _load_target(args)
+    cfg = _eval_cfg(cfg, args)
+    loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
+    if int(model.n_classes) != n_classes:
+        raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
+    if info["class_names"] and len(info["class_names"]) == n_classes:
+        names = list(info["class_names"])
+    return model, cfg, info, loader, names
+
+
 def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, dict, list]:
     """The evaluation of --run / --official as the flags in ``args`` ask (CRF, k-means, limit, ...):
     -> (the metrics.json document, written to its folder; ppap.evaluate's result; class names).
@@ -1449,17 +1456,11 @@ def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, 
     crf_on = crf_device(args.crf_device, device) if args.crf else None
     if args.crf and dense_crf is None:
         dense_crf = load_crf(crf_on)  # fail fast, before loading anything
-    model, cfg, info = _load_target(args)
+    model, cfg, info, loader, names = _target_and_data(args)
     out_dir = _out_dir(args, info, "eval")
     if args.run and os.path.isdir(args.run) and os.path.exists(os.path.join(args.run, "best_on_val.pt")):
         print(f"note: evaluating last.pt; the best-on-val checkpoint is "
               f"{os.path.join(args.run, 'best_on_val.pt')} (--run {os.path.join(args.run, 'best_on_val.pt')})")
-    cfg = _eval_cfg(cfg, args)
-    loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
-    if int(model.n_classes) != n_classes:
-        raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
-    if info["class_names"] and len(info["class_names"]) == n_classes:
-        names = list(info["class_names"])
     model = model.to(device)
     amp = ppap.amp_dtype(cfg, device)
     centroids, km = None, None

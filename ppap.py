@@ -675,7 +675,7 @@ def ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau
             continue
         # ambiguous samples (neither positive nor negative) leave the denominator
         code = torch.where(pos, 2, neg.to(torch.uint8))[valid]   # positive wins where Phi fell below Psi
-        mean_log_prob = _AnchorLogProb.apply(z, r[valid], code, tau)
+        mean_log_prob = anchor_log_prob(z, r[valid], code, tau)
         idx = torch.arange(s, s + len(r), device=z.device)[valid]
         anchor_loss = anchor_loss.index_put((idx,), -(tau / TAU_BASE) * mean_log_prob)
         has_pos[idx] = True
@@ -715,6 +715,9 @@ class _AnchorLogProb(torch.autograd.Function):
         dz = g.T @ za
         dz.index_add_(0, rows, g @ z)
         return dz, None, None, None
+
+
+anchor_log_prob = _AnchorLogProb.apply
 
 
 def _trace_step(trace: list, anchor_rows, sim, pos, phi, psi, no_ambiguity) -> None:
@@ -1502,16 +1505,23 @@ def synthetic_sample(index: int, size: int, split: str) -> tuple[np.ndarray, np.
     for r, c in enumerate(classes):
         m = region == r
         angle = rng.uniform(0, np.pi) if c != 1 else rng.uniform(-0.3, 0.3)
-        u = xx * np.cos(angle) + yy * np.sin(angle)
-        v = -xx * np.sin(angle) + yy * np.cos(angle)
-        texture = {0: rng.normal(0, 0.18, (size, size)),
-                   1: 0.25 * np.sign(np.sin(u / 2.0)),
-                   2: 0.22 * np.sign(np.sin(u / 3.0)) * np.sign(np.sin(v / 3.0)),
-                   3: np.zeros((size, size)),
-                   4: 0.2 * np.sin(u / 4.0 + 2 * np.sin(v / 7.0)),
-                   5: rng.normal(0, 0.3, (size, size))}[int(c)]
+        x, y = xx[m], yy[m]                    # the region's pixels only: every texture is drawn there
+        u = x * np.cos(angle) + y * np.sin(angle)
+        v = -x * np.sin(angle) + y * np.cos(angle)
+        if c == 0:
+            texture = rng.normal(0, 0.18, x.shape)
+        elif c == 1:
+            texture = 0.25 * np.sign(np.sin(u / 2.0))
+        elif c == 2:
+            texture = 0.22 * np.sign(np.sin(u / 3.0)) * np.sign(np.sin(v / 3.0))
+        elif c == 3:
+            texture = np.zeros(x.shape)
+        elif c == 4:
+            texture = 0.2 * np.sin(u / 4.0 + 2 * np.sin(v / 7.0))
+        else:
+            texture = rng.normal(0, 0.3, x.shape)
         colour = _SYNTH_COLOURS[c] + rng.normal(0, 0.06, 3)
-        img[m] = colour + texture[m, None].astype(np.float32)
+        img[m] = colour + texture[:, None].astype(np.float32)
     cast = rng.normal(0, 0.08, 3).astype(np.float32)
     contrast = rng.uniform(0.6, 1.3)
     img = (img - 0.5) * contrast + 0.5 + cast + rng.normal(0, 0.04, img.shape).astype(np.float32)

@@ -49,37 +49,22 @@ def reference_ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigm
     return total / n_groups, {"positives": pos_count / n_groups, "negatives": neg_count / n_groups}
 
 
-def autograd_ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau, group=784,
-                       no_ambiguity=False, chunk_elems=None):
-    """ppap.ppap_loss as it was before its custom backward: the same chunked computation with plain autograd,
-    which keeps every chunk's [a,N] logits for the backward pass. The gradient reference of the custom
-    backward and the "before" of the B=64 memory benchmark."""
+def plain_anchor_log_prob(z, rows, code, tau):
+    """ppap's per-anchor mean log-probability with plain autograd, which keeps the [a,N] logits (and a masked
+    copy) for the backward pass: what ppap.ppap_loss did before its custom backward."""
+    logits = (z[rows] @ z.T) / tau
+    pos, denom = code == 2, code > 0
+    log_denom = torch.logsumexp(logits.masked_fill(~denom, float("-inf")), dim=1)
+    return (logits * pos).sum(1) / pos.sum(1) - log_denom
+
+
+def autograd_ppap_loss(z, f, anchors, **kw):
+    """ppap.ppap_loss with plain_anchor_log_prob: the gradient reference of the custom backward and the
+    "before" of the B=64 memory benchmark."""
     import ppap
-    N = z.shape[0]
-    n_groups, A = anchors.shape
-    f = F.normalize(f.detach().float(), dim=-1)
-    z = z.float()
-    rows = (anchors.to(z.device) + torch.arange(n_groups, device=z.device)[:, None] * group).reshape(-1)
-    per_chunk = max(1, (chunk_elems or (2 ** 26 if z.is_cuda else 2 ** 20)) // N)
-    anchor_loss = torch.zeros(len(rows), device=z.device)
-    has_pos = torch.zeros(len(rows), dtype=torch.bool, device=z.device)
-    n_pos = torch.zeros(len(rows), device=z.device)
-    n_neg = torch.zeros(len(rows), device=z.device)
-    for s in range(0, len(rows), per_chunk):
-        r = rows[s:s + per_chunk]
-        with torch.no_grad():
-            pos, neg, n_pos[s:s + len(r)], n_neg[s:s + len(r)] = ppap.propagate(
-                f, r, phi0=phi0, psi0=psi0, prop_iter=prop_iter, sigma_pos=sigma_pos, sigma_amb=sigma_amb,
-                no_ambiguity=no_ambiguity)
-            valid = pos.any(1)
-        if not valid.any():
-            continue
-        pos, denom = pos[valid], (pos | neg)[valid]
-        logits = (z[r[valid]] @ z.T) / tau
-        log_denom = torch.logsumexp(logits.masked_fill(~denom, float("-inf")), dim=1)
-        mean_log_prob = (logits * pos).sum(1) / pos.sum(1) - log_denom
-        idx = torch.arange(s, s + len(r), device=z.device)[valid]
-        anchor_loss = anchor_loss.index_put((idx,), -(tau / 0.07) * mean_log_prob)
-        has_pos[idx] = True
-    per_group = anchor_loss.view(n_groups, A).sum(1) / has_pos.view(n_groups, A).sum(1).clamp(min=1)
-    return per_group.mean(), {"positives": n_pos.mean().item(), "negatives": n_neg.mean().item()}
+    saved = ppap.anchor_log_prob
+    ppap.anchor_log_prob = plain_anchor_log_prob
+    try:
+        return ppap.ppap_loss(z, f, anchors, **kw)
+    finally:
+        ppap.anchor_log_prob = saved
