@@ -795,7 +795,7 @@ def build_optimizers(cfg: Config, model: PPAP):
     net_kw = dict(weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" or cfg.weight_decay else {}
     return {"net": net_cls(model.head_parameters(), lr=cfg.lr, **net_kw),
             "linear": torch.optim.Adam(model.linear_probe.parameters(), lr=cfg.linear_lr),
-            "cluster": torch.optim.Adam(model.cluster_probe.parameters(), lr=cfg.cluster_lr)}
+            "cluster": torch.optim.Adam([p for c in model.cluster_probes() for p in c.parameters()], lr=cfg.cluster_lr)}
 
 
 def probe_losses(out: dict, label, n_classes: int):

