@@ -770,7 +770,7 @@ def pick_device(name: str) -> torch.device:
             raise PPAPError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise PPAPError(f"--device {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s) "
-                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+                            f"(indices 0 to {torch.cuda.device_count() - 1})")
     return dev
 
 
