@@ -502,7 +502,7 @@ class ClusterProbe(nn.Module):
             probs = F.one_hot(s.argmax(1), s.shape[1]).permute(0, 3, 1, 2).to(s.dtype)
         else:
             probs = torch.softmax(alpha * s, dim=1)
-        return self.loss(s) if alpha is None else -(probs * s).sum(1).mean(), probs
+        return -(probs * s).sum(1).mean(), probs
 
 
 class PPAP(nn.Module):
@@ -892,7 +892,7 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch
     # GradScaler.step refuses an optimiser it has recorded no inf check for).
     stepping = [o for o in opts.values() if _has_grad(o)]
     gnorm = 0.0
-    if _has_grad(opts["net"]):
+    if opts["net"] in stepping:
         scaler.unscale_(opts["net"])
         gnorm = float(nn.utils.clip_grad_norm_(core.head_parameters(), cfg.grad_clip))
     with deferred_interrupt():
@@ -1129,6 +1129,11 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
     device = torch.device(device)
     n_classes, n_clusters = int(model.n_classes), int(model.cluster_probe.clusters.shape[0])
     confs, examples, n_images = {}, [], 0
+    new_confusion = lambda k: torch.zeros(n_classes, n_clusters if k.startswith("cluster") else n_classes,
+                                          dtype=torch.int64, device=device)
+    chosen = None                        # --cluster-probes: the one with the lowest clustering loss
+    if hasattr(model, "extra_cluster_probes"):
+        chosen = model.cluster_probes()[int(torch.nan_to_num(model.cluster_loss_ema, float("inf")).argmin())]
     was_training = model.training
     model.eval()
     try:
@@ -1144,16 +1149,14 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
                 linear_logits = model.linear_probe(code)
                 inner = model.cluster_probe.inner(code)
             preds = {"cluster": inner.argmax(1), "linear": linear_logits.argmax(1)}
-            if hasattr(model, "extra_cluster_probes"):   # the lowest clustering loss of the probes
-                chosen = model.cluster_probes()[int(torch.nan_to_num(model.cluster_loss_ema, float("inf")).argmin())]
+            if chosen is not None:
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     preds["cluster_sel"] = chosen.inner(code).argmax(1)
             if refine is not None:
                 preds.update(refine(img, linear_logits, inner, code))
             for k, p in preds.items():
                 if k not in confs:
-                    confs[k] = torch.zeros(n_classes, n_clusters if k.startswith("cluster") else n_classes,
-                                           dtype=torch.int64, device=device)
+                    confs[k] = new_confusion(k)
                 confusion_update(confs[k], p, label, n_classes, confs[k].shape[1])
             if len(examples) < n_examples:
                 rgb = to_uint8_rgb(img).cpu()
@@ -1167,10 +1170,7 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
         names = [None] * dist_world()[1]
         torch.distributed.all_gather_object(names, sorted(confs))
         for k in sorted(set().union(*names)):
-            if k not in confs:
-                confs[k] = torch.zeros(n_classes, n_clusters if k.startswith("cluster") else n_classes,
-                                       dtype=torch.int64, device=device)
-            confs[k] = all_sum(confs[k])
+            confs[k] = all_sum(confs[k] if k in confs else new_confusion(k))
         confs = {k: confs[k] for k in sorted(confs, key=lambda k: (k not in ("cluster", "linear"), k))}
         n_images = int(all_sum(torch.tensor(n_images, device=device)))
     out = {}
