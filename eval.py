@@ -17,19 +17,8 @@ Command line
     python eval.py --audit [--checkpoints DIR] [--data-dir DIR] [--crf] [--out DIR] [--limit N] [--device ...]
     python eval.py --knn --data synthetic [--k 7] [--split train]
 
-Importable API (no side effects on import):
-
-    confusion_update, scores                    ppap.py's metrics (the authors' UnsupervisedMetrics)
-    evaluate_model(model, loader, device, crf=False, amp=None, kmeans_centroids=None) -> flat dict
-        (cluster_mIoU, cluster_Acc, linear_mIoU, ..., *_IoU lists, *_confusion lists)
-    fit_kmeans(model, loader, device) -> (centroids [K,D], info); spherical_kmeans(x, k) (k-means diagnostic)
-    load_official(path, arch, patch, n_classes=None) -> PPAP model (eval mode, CPU)
-    official_state_dict(model) -> dict in the authors' checkpoint format
-    load_crf(device) -> ext.dense_crf, or EvalError("CRF unavailable: ...")
-    knn_table(cfg, split, k) -> path of {'indices', 'values'}
-    audit(args) -> audit.json dict; read_manifest(dir); PAPER_NUMBERS (the paper's numbers, with sources)
-    propagation_sums(f, labels, rows, **hyper), propagation_summary(sums), patch_labels(label, p, C)
-    EvalError is ppap.PPAPError: a one-line user-facing error (CLI: exit code 2)
+Each mode has its own flags (`python eval.py --knn --help`); the functions below are importable without side
+effects (ppap.py's metrics are re-exported: `from eval import scores` works).
 """
 from __future__ import annotations
 
@@ -49,16 +38,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ppap
-from ppap import confusion_update, scores  # noqa: F401  (re-exported: `from eval import scores` works)
+from ppap import PPAPError, confusion_update, scores  # noqa: F401  (`from eval import scores` works)
 
-__all__ = [
-    "EvalError", "PROBES", "OFFICIAL_KEYS", "confusion_update", "scores", "evaluate_model",
-    "probe_results", "load_crf", "image_to_uint8_bgr", "load_official", "official_state_dict",
-    "map_official_keys", "plot_confusion", "plot_examples", "plot_knn", "palette", "write_outputs",
-    "format_table", "summarize", "format_summary", "knn_table", "main", "spherical_kmeans", "fit_kmeans",
-    "evaluate_target", "audit", "read_manifest", "format_audit", "PAPER_NUMBERS", "patch_labels",
-    "propagation_sums", "propagation_summary", "propagation_report", "plot_propagation", "format_propagation",
-]
 
 # Dense-CRF hyper-parameters of the authors (utils/seg_utils.py).
 CRF_ITERS = 10
@@ -75,11 +56,6 @@ _OFFICIAL_PREFIXES = {
 }
 
 
-# One-line user-facing error: main() prints it as one line and exits with 2.  The name is kept
-# for callers of eval.py; it is ppap's error class, so ppap's and eval's errors are caught alike.
-EvalError = ppap.PPAPError
-
-
 # ==== CRF ====
 
 def image_to_uint8_bgr(img: torch.Tensor, bgr: bool = True) -> torch.Tensor:
@@ -91,7 +67,7 @@ def image_to_uint8_bgr(img: torch.Tensor, bgr: bool = True) -> torch.Tensor:
 
 def load_crf(device=None):
     """ext.dense_crf, imported lazily and built/loaded for ``device`` now (ext.load), so that a
-    build problem shows up before the evaluation starts.  Raises EvalError('CRF unavailable: ...')."""
+    build problem shows up before the evaluation starts.  Raises PPAPError('CRF unavailable: ...')."""
     try:
         import ext  # noqa: WPS433
         dense_crf = ext.dense_crf
@@ -101,9 +77,9 @@ def load_crf(device=None):
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         reason = " ".join(str(e).split())[:300]
-        raise EvalError(f"CRF unavailable: {type(e).__name__}" + (f": {reason}" if reason else "")) from None
+        raise PPAPError(f"CRF unavailable: {type(e).__name__}" + (f": {reason}" if reason else "")) from None
     if not callable(dense_crf):
-        raise EvalError("CRF unavailable: ext.dense_crf is not callable")
+        raise PPAPError("CRF unavailable: ext.dense_crf is not callable")
     return dense_crf
 
 
@@ -215,7 +191,7 @@ def spherical_kmeans(x: torch.Tensor, k: int, restarts: int = KMEANS_RESTARTS, i
     (k-means++), then Lloyd steps: assign by cosine, centroid = normalised mean (an empty cluster keeps
     its centroid). The lowest-inertia restart is kept, the first one on ties: same inputs, same result."""
     if x.shape[0] < k:
-        raise EvalError(f"k-means needs at least {k} samples, got {x.shape[0]}")
+        raise PPAPError(f"k-means needs at least {k} samples, got {x.shape[0]}")
     x = F.normalize(x.float(), dim=1)
     best = None
     for r in range(restarts):
@@ -246,20 +222,16 @@ def collect_code(model, loader, device, amp: torch.dtype | None = None, samples:
     per_image = max(1, math.ceil(samples / max(1, len(loader.dataset))))
     g = torch.Generator().manual_seed(seed)
     rows = []
-    was_training = model.training
-    model.eval()
-    try:
+    with ppap.evaluating(model):
         for batch in tqdm(loader, desc="k-means code", leave=False, dynamic_ncols=True, disable=not progress):
             img = ppap._unpack_batch(batch)[0].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with ppap.autocast(device, amp):
                 code = model(img)["code"]                         # as ppap.evaluate computes it
             B, D, h, w = code.shape
             flat = code.float().permute(0, 2, 3, 1).reshape(B, h * w, D)
             for i in range(B):
                 keep = torch.randperm(h * w, generator=g)[:per_image] if per_image < h * w else torch.arange(h * w)
                 rows.append(flat[i, keep.to(flat.device)])
-    finally:
-        model.train(was_training)
     return F.normalize(torch.cat(rows), dim=1)
 
 
@@ -310,19 +282,19 @@ def map_official_keys(ckpt: dict) -> dict:
     net_model_state_dict: model.* -> backbone.*, decoder.* -> head.*,
     project_head.* -> proj.*; linear_model_state_dict -> linear_probe.*;
     cluster_model_state_dict -> cluster_probe.*.  A leading 'module.' (DDP) is
-    stripped.  Raises EvalError naming keys with no mapping.
+    stripped.  Raises PPAPError naming keys with no mapping.
     """
     if not isinstance(ckpt, dict):
-        raise EvalError(f"not an authors' PPAP checkpoint: expected a dict, got {type(ckpt).__name__}")
+        raise PPAPError(f"not an authors' PPAP checkpoint: expected a dict, got {type(ckpt).__name__}")
     missing = [k for k in OFFICIAL_KEYS if k not in ckpt]
     if missing:
         have = ", ".join(sorted(map(str, ckpt.keys()))[:8]) or "nothing"
-        raise EvalError(f"not an authors' PPAP checkpoint: missing {', '.join(missing)} (has: {have})")
+        raise PPAPError(f"not an authors' PPAP checkpoint: missing {', '.join(missing)} (has: {have})")
     out, unmapped = {}, []
     for part in OFFICIAL_KEYS:
         sd = ckpt[part]
         if not isinstance(sd, dict):
-            raise EvalError(f"corrupt authors' checkpoint: {part} is a {type(sd).__name__}, not a dict")
+            raise PPAPError(f"corrupt authors' checkpoint: {part} is a {type(sd).__name__}, not a dict")
         for k, v in _strip_module(sd).items():
             for src, dst in _OFFICIAL_PREFIXES[part]:
                 if k.startswith(src):
@@ -331,7 +303,7 @@ def map_official_keys(ckpt: dict) -> dict:
             else:
                 unmapped.append(f"{part}:{k}")
     if unmapped:
-        raise EvalError("authors' checkpoint has unexpected key(s): " + ", ".join(unmapped[:10])
+        raise PPAPError("authors' checkpoint has unexpected key(s): " + ", ".join(unmapped[:10])
                         + (f" (+{len(unmapped) - 10} more)" if len(unmapped) > 10 else ""))
     return out
 
@@ -356,22 +328,22 @@ def official_state_dict(model) -> dict:
                 out[part][src + k[len(dst):]] = v.detach().clone()
                 break
         else:
-            raise EvalError(f"model key {k!r} has no counterpart in the authors' format")
+            raise PPAPError(f"model key {k!r} has no counterpart in the authors' format")
     return out
 
 
 def _torch_load(path: str, trust: bool = False):
     if not os.path.exists(path):
-        raise EvalError(f"checkpoint not found: {path}")
+        raise PPAPError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
-        raise EvalError(f"expected a checkpoint file, got a directory: {path}")
+        raise PPAPError(f"expected a checkpoint file, got a directory: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:  # truncated / not a torch file / disallowed pickle
         msg = " ".join(str(e).split())[:200]
         hint = "" if trust or "weights_only" not in msg.lower() else \
             " (it holds non-tensor objects; rerun with --trust-pickle if you trust the file)"
-        raise EvalError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}{hint}") from None
+        raise PPAPError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}{hint}") from None
 
 
 def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes: int | None = None,
@@ -380,24 +352,22 @@ def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes:
 
     ``n_classes`` defaults to the number of rows of the linear probe.  Errors
     (missing file, not a dict, corrupt/truncated file, missing or unexpected
-    keys, shape mismatch) raise a one-line EvalError (= ppap.PPAPError).
+    keys, shape mismatch) raise a one-line PPAPError (= ppap.PPAPError).
     """
     ckpt = _torch_load(path, trust=trust)
     try:
         sd = map_official_keys(ckpt)
-    except EvalError as e:
-        raise EvalError(f"{path}: {e}") from None
+    except PPAPError as e:
+        raise PPAPError(f"{path}: {e}") from None
     w = sd.get("linear_probe.weight")
     if w is None or not hasattr(w, "shape") or len(w.shape) != 4:
-        raise EvalError(f"{path}: linear_model_state_dict.weight missing or not [C, D, 1, 1]")
+        raise PPAPError(f"{path}: linear_model_state_dict.weight missing or not [C, D, 1, 1]")
     ck_classes = int(w.shape[0])
     if n_classes is None:
         n_classes = ck_classes
     elif int(n_classes) != ck_classes:
-        raise EvalError(f"{path}: checkpoint has {ck_classes} classes, the data set has {n_classes}")
-    if arch not in ppap.ARCHS:
-        raise EvalError(f"unknown --arch {arch!r}; choose one of {', '.join(ppap.ARCHS)}")
-    model = ppap.PPAP(ppap.ARCHS[arch](patch), n_classes)  # random init: no weight download
+        raise PPAPError(f"{path}: checkpoint has {ck_classes} classes, the data set has {n_classes}")
+    model = ppap.PPAP(ppap.new_backbone(arch, patch), n_classes)  # random init: no weight download
     pe = sd.get("backbone.pos_embed")
     if hasattr(pe, "shape") and pe.ndim == 3 and pe.shape[0] == 1 and pe.shape[2] == model.dim:
         model.backbone.adopt_pos_grid(pe)     # a grid of another resolution; other shapes fail strictly below
@@ -410,16 +380,16 @@ def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes:
         if unexpected:
             parts.append("unexpected key(s): " + ", ".join(_to_official_name(k) for k in unexpected[:8])
                          + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
-        raise EvalError(f"{path} does not match {arch}/{patch}: " + "; ".join(parts) + " (check --arch/--patch)")
+        raise PPAPError(f"{path} does not match {arch}/{patch}: " + "; ".join(parts) + " (check --arch/--patch)")
     if wrong:
         own = model.state_dict()
         bad = [f"{_to_official_name(k)} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]
-        raise EvalError(f"{path} does not match {arch}/{patch}: shape mismatch: " + ", ".join(bad[:4])
+        raise PPAPError(f"{path} does not match {arch}/{patch}: shape mismatch: " + ", ".join(bad[:4])
                         + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "") + " (check --arch/--patch)")
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
-        raise EvalError(f"{path}: cannot load weights: " + " ".join(str(e).split())[:300]) from None
+        raise PPAPError(f"{path}: cannot load weights: " + " ".join(str(e).split())[:300]) from None
     model.eval()
     return model
 
@@ -697,9 +667,9 @@ def _run_metrics(run: str) -> tuple:
                 with open(p) as f:
                     doc = json.load(f)
             except (OSError, ValueError) as e:
-                raise EvalError(f"cannot read {p}: {e}") from None
+                raise PPAPError(f"cannot read {p}: {e}") from None
             if not isinstance(doc, dict) or not isinstance(doc.get("metrics"), dict):
-                raise EvalError(f"{p} is not a metrics.json of eval.py (no 'metrics' object)")
+                raise PPAPError(f"{p} is not a metrics.json of eval.py (no 'metrics' object)")
             ckpt = os.path.join(run, "last.pt")
             if os.path.dirname(p) == os.path.join(run, "eval") and os.path.exists(ckpt) \
                     and os.path.getmtime(ckpt) > os.path.getmtime(p):
@@ -715,13 +685,13 @@ def _run_metrics(run: str) -> tuple:
                 for cname, v in (m.get("IoU") or {}).items():
                     flat[f"{probe}/IoU/{cname}"] = float("nan") if v is None else float(v)
             if not flat:
-                raise EvalError(f"{p} holds no metrics")
+                raise PPAPError(f"{p} holds no metrics")
             return p, flat
     log = os.path.join(run, "log.jsonl")
     if not os.path.isfile(log):
         if not os.path.exists(run):
-            raise EvalError(f"run not found: {run}")
-        raise EvalError(f"{run}: neither metrics.json nor log.jsonl found")
+            raise PPAPError(f"run not found: {run}")
+        raise PPAPError(f"{run}: neither metrics.json nor log.jsonl found")
     entries = []
     with open(log) as f:
         for line in f:
@@ -733,7 +703,7 @@ def _run_metrics(run: str) -> tuple:
                     continue  # a half-written last line
     entries = [e for e in entries if isinstance(e, dict)]
     if not entries:
-        raise EvalError(f"{log} has no entries")
+        raise PPAPError(f"{log} has no entries")
     with_val = [e for e in entries if any("miou" in k.lower() for k in _flatten(e))]
     last = (with_val or entries)[-1]
     flat = {}
@@ -744,7 +714,7 @@ def _run_metrics(run: str) -> tuple:
                 break
         flat[k] = v
     if not flat:
-        raise EvalError(f"{log}: last entry holds no numbers")
+        raise PPAPError(f"{log}: last entry holds no numbers")
     return log, flat
 
 
@@ -781,7 +751,7 @@ def _weights_tag(cfg) -> str:
     """Names the backbone weights in the cache key: the released file, or a --weights file by path,
     size and modification time (a retrained backbone under the same name gets a new table)."""
     if not cfg.weights:
-        return "released" if cfg.arch != "vit_tiny_demo" else "demo"
+        return "released" if ppap.BACKBONES[cfg.arch].weights else "random"
     st = os.stat(cfg.weights)
     key = f"{os.path.abspath(cfg.weights)}|{st.st_size}|{st.st_mtime_ns}"
     return "w" + hashlib.sha1(key.encode()).hexdigest()[:10]
@@ -804,12 +774,12 @@ def knn_table(cfg, split: str = "train", k: int = 7, device=None) -> str:
     vit = ppap.build_backbone(cfg).to(device).eval()
     amp = ppap.amp_dtype(cfg, device)
     feats = []
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+    with torch.no_grad(), ppap.autocast(device, amp):
         for batch in tqdm(ppap.make_loader(cfg, dataset, train=False), desc=f"kNN features ({split})",
                           dynamic_ncols=True, disable=not cfg.progress):
             img = ppap.fit_to_patch(batch["img"].to(device, non_blocking=True), vit.patch_size)
-            tokens = vit(img)[:, vit.n_prefix:]          # patch tokens only (after CLS and any registers)
-            feats.append(F.normalize(tokens.float().mean(1), dim=1))
+            crit = vit.features(img)[1]                  # the final patch features [B,D,h,w]
+            feats.append(F.normalize(crit.permute(0, 2, 3, 1).flatten(1, 2).float().mean(1), dim=1))
     feats = torch.cat(feats)
     values, indices = topk_neighbors(feats, feats, min(k + 1, len(feats)))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -846,8 +816,8 @@ def plot_knn(dataset, indices, path, n_queries: int = 6, k: int = 5, tile: int =
 # ==== PROPAGATION REPORT: the paper's central claim, measured with labels ====
 # The paper claims that moving the proxy anchor "gradually identifies more trustworthy positives" and that
 # the ambiguity zone keeps unreliable samples out of the negatives. On labelled val images we run the loss's
-# own propagation (ppap.propagate with its trace hook; no second implementation) for anchors drawn as in
-# training (ppap.draw_anchors, a seeded generator) and count, at every step t = 0..T, how many positives,
+# own propagation (the propagate method of the run's loss, ppap.build_loss, with its trace hook; no second
+# implementation) for anchors drawn as in training (its anchors(), from a seeded generator) and count, at every step t = 0..T, how many positives,
 # ambiguous samples and negatives an anchor gets and how many of them share its ground-truth label.
 
 PATCH_LABEL_RULE = ("patch (i, j) covers the val crop's pixels [i*p, (i+1)*p) x [j*p, (j+1)*p) (the pixels the "
@@ -882,29 +852,28 @@ def patch_labels(label: torch.Tensor, patch: int, n_classes: int) -> torch.Tenso
 PROP_SUMS = ("anchors", "labelled_anchors", "no_positive", "pos", "pos_labelled", "pos_same", "amb",
              "amb_labelled", "amb_same", "neg", "neg_labelled", "neg_diff", "phi", "psi", "pairs_labelled",
              "pairs_same")
-PROP_HYPER = ("phi0", "psi0", "prop_iter", "sigma_pos", "sigma_amb", "no_ambiguity")
 
 
 @torch.no_grad()
-def propagation_sums(f: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, *, phi0, psi0, prop_iter,
-                     sigma_pos, sigma_amb, no_ambiguity=False, chunk_elems: int = 2 ** 24) -> dict:
-    """f [N,D] features (normalised here, as ppap_loss does), labels [N] patch labels (-1: none), rows [a]
-    anchor rows -> {name in PROP_SUMS: float64 tensor [T+1]} over the anchors, per propagation step.
-    Anchors go through ppap.propagate in chunks of about chunk_elems similarities (memory O(chunk))."""
+def propagation_sums(f: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, criterion,
+                     chunk_elems: int = 2 ** 24) -> dict:
+    """f [N,D] features (normalised here, as the loss does), labels [N] patch labels (-1: none), rows [a]
+    anchor rows, criterion: the loss (ppap.build_loss) whose propagate() decides the sets -> {name in PROP_SUMS:
+    float64 tensor [T+1]} over the anchors, one entry per step the trace records. Anchors go through the
+    criterion in chunks of about chunk_elems similarities (memory O(chunk))."""
     f = F.normalize(f.detach().float(), dim=1)
     labels = labels.to(f.device).long()
-    T = int(prop_iter)
-    sums = {k: torch.zeros(T + 1, dtype=torch.float64) for k in PROP_SUMS}
+    sums = None
     has_label = labels >= 0
     per_chunk = max(1, chunk_elems // max(1, f.shape[0]))
     for s in range(0, len(rows), per_chunk):
         r = rows[s:s + per_chunk].to(f.device)
         trace = []
-        ppap.propagate(f, r, phi0=phi0, psi0=psi0, prop_iter=T, sigma_pos=sigma_pos, sigma_amb=sigma_amb,
-                       no_ambiguity=no_ambiguity, trace=trace)
+        criterion.propagate(f, r, trace=trace)
+        if sums is None:
+            sums = {k: torch.zeros(len(trace), dtype=torch.float64) for k in PROP_SUMS}
         la = labels[r]
-        others = torch.ones(len(r), f.shape[0], dtype=torch.bool, device=f.device)
-        others[torch.arange(len(r), device=f.device), r] = False
+        others = ppap.not_anchor(r, f.shape[0])
         labelled = has_label[None, :] & (la >= 0)[:, None] & others              # [a,N]
         same = labelled & (labels[None, :] == la[:, None])
         for t, st in enumerate(trace):
@@ -918,7 +887,7 @@ def propagation_sums(f: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, 
                    "psi": st["psi"].double().sum(), "pairs_labelled": labelled.sum(), "pairs_same": same.sum()}
             for k, v in add.items():
                 sums[k][t] += float(v)
-    return sums
+    return sums if sums is not None else {k: torch.zeros(0, dtype=torch.float64) for k in PROP_SUMS}
 
 
 def _pct(num: float, den: float):
@@ -964,64 +933,58 @@ def _rows_of(out: dict, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def propagation_report(model, loader, device, hyper: dict, *, group: int, anchors_per_group: int, seed: int = 0,
-                       trained: str = "z", amp: torch.dtype | None = None, n_shown: int = 4,
-                       progress: bool = True) -> tuple[dict, dict | None]:
+def propagation_report(model, loader, device, criterion, *, seed: int = 0, trained: str = "z",
+                       amp: torch.dtype | None = None, n_shown: int = 4, progress: bool = True) -> tuple[dict, dict | None]:
     """Propagation statistics over the loader's batches for the criterion features and the trained ones.
 
     Each batch is one set of contrast samples (N = B*h*w rows, as a training batch); its anchors are drawn
-    with ppap.draw_anchors from one torch.Generator seeded `seed` (the same rows for both feature sets).
-    hyper: PROP_HYPER values. -> (report dict, figure data from the first batch for plot_propagation)."""
+    by criterion.anchors (the loss's own draw) from one torch.Generator seeded `seed` (the same rows for both
+    feature sets), and criterion.propagate decides the sets. -> (report dict, figure data from the first
+    batch for plot_propagation)."""
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
     names = ("criterion", trained)
-    sums = {k: {q: torch.zeros(int(hyper["prop_iter"]) + 1, dtype=torch.float64) for q in PROP_SUMS}
-            for k in names}
-    n_images = n_skipped = n_batches = 0
+    sums = {k: None for k in names}
+    n_images = n_skipped = n_batches = n_anchors = 0
     grid, figure = None, None
-    was_training = model.training
-    model.eval()                                  # no Dropout2d on the criterion features
-    try:
+    with ppap.evaluating(model):                  # no Dropout2d on the criterion features
         for batch in tqdm(loader, desc="propagation", leave=False, dynamic_ncols=True, disable=not progress):
             img, label = ppap._unpack_batch(batch)
             img = img.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with ppap.autocast(device, amp):
                 out = model(img)
             out = {k: v.float() for k, v in out.items()}
             B, _, h, w = out["crit"].shape
-            N = B * h * w
-            if N < group:                         # a short last batch has no full anchor group
+            rows = criterion.anchors(B * h * w, g)
+            if rows.numel() == 0:                 # a short last batch has no full anchor group
                 n_skipped += B
                 continue
-            grid = (h, w)
-            anchors = ppap.draw_anchors(N, group, anchors_per_group, generator=g)
-            rows = (anchors + torch.arange(anchors.shape[0])[:, None] * group).reshape(-1).to(device)
+            grid, n_anchors = (h, w), rows.shape[1]
+            rows = rows.reshape(-1).to(device)
             labels = patch_labels(label.to(device).long(), model.patch_size, int(model.n_classes)).reshape(-1)
             for k in names:
-                for q, v in propagation_sums(_rows_of(out, k), labels, rows, **hyper).items():
-                    sums[k][q] += v
+                got = propagation_sums(_rows_of(out, k), labels, rows, criterion)
+                sums[k] = got if sums[k] is None else {q: sums[k][q] + v for q, v in got.items()}
             if figure is None:
-                figure = _figure_data(img, labels.view(B, h, w), rows, _rows_of(out, "criterion"), hyper, n_shown)
+                figure = _figure_data(img, labels.view(B, h, w), rows, _rows_of(out, "criterion"), criterion, n_shown)
             n_images += B
             n_batches += 1
-    finally:
-        model.train(was_training)
     if n_batches == 0:
-        raise EvalError(f"no batch has a full anchor group of {group} patches; raise --batch-size")
+        raise PPAPError("no batch has a full anchor group; raise --batch-size")
     report = {"n_images": n_images, "skipped_images": n_skipped, "batches": n_batches, "grid": list(grid),
-              "anchors_seed": seed, "group": group, "anchors_per_group": anchors_per_group,
+              "anchors_seed": seed, "anchors_per_group": n_anchors,
               "n_anchors": int(sums["criterion"]["anchors"][0]),
               "n_labelled_anchors": int(sums["criterion"]["labelled_anchors"][0]),
-              "hyper": dict(hyper), "patch_label_rule": PATCH_LABEL_RULE,
+              "hyper": ppap.loss_hyper(criterion.cfg), "patch_label_rule": PATCH_LABEL_RULE,
               "feature_sets": {k: {"description": FEATURE_SETS[k], **propagation_summary(sums[k]),
                                    "sums": {q: v.tolist() for q, v in sums[k].items()}} for k in names}}
     return report, figure
 
 
-def _figure_data(img, labels, rows, f, hyper, n_shown, max_images=6):
+def _figure_data(img, labels, rows, f, criterion, n_shown, max_images=6):
     """The first batch's picture: up to n_shown labelled anchors among the first images, in the drawn order,
     preferring anchors with positives at T and distinct classes, with their positives at t = 0 and t = T and
-    their ambiguity zone at T, from the criterion features through ppap.propagate's trace."""
+    their ambiguity zone at T, from the criterion features through the loss's propagate trace."""
     B, h, w = labels.shape
     shown_images = min(B, max_images)
     flat = labels.reshape(-1)
@@ -1029,7 +992,7 @@ def _figure_data(img, labels, rows, f, hyper, n_shown, max_images=6):
     if not cand:
         return None
     trace = []
-    ppap.propagate(F.normalize(f.float(), dim=1), torch.tensor(cand, device=f.device), **hyper, trace=trace)
+    criterion.propagate(F.normalize(f.float(), dim=1), torch.tensor(cand, device=f.device), trace=trace)
     has_pos = trace[-1]["pos"].any(1).tolist()
     picked, classes = [], set()
     for want_new_class in (True, False):
@@ -1126,14 +1089,11 @@ def plot_propagation(fig: dict, class_names, path: str, tile: int = 120) -> str:
 
 def format_propagation(report: dict) -> str:
     """The printed table: one block per feature set, one line per step t."""
-    hy = report["hyper"]
     lines = [f"{report['n_images']} val images in {report['batches']} batch(es) of {report['batch_size']} "
              f"({report['grid'][0]}x{report['grid'][1]} patches each), {report['n_anchors']} anchors "
-             f"({report['n_labelled_anchors']} labelled; {report['anchors_per_group']} per group of "
-             f"{report['group']}, seed {report['anchors_seed']})",
-             f"Phi0 {hy['phi0']}  Psi0 {hy['psi0']}  T {hy['prop_iter']}  sigma_pos {hy['sigma_pos']}  "
-             f"sigma_amb {hy['sigma_amb']}" + ("  no ambiguity zone" if hy["no_ambiguity"] else "")
-             + f"  ({report['hyper_source']})",
+             f"({report['n_labelled_anchors']} labelled; {report['anchors_per_group']} per group, seed "
+             f"{report['anchors_seed']})",
+             "  ".join(f"{k} {v}" for k, v in report["hyper"].items()) + f"  ({report['hyper_source']})",
              "set sizes: mean per anchor over the batch's patches; purity: % of labelled members with the "
              "anchor's label (negatives: with another label)"]
     for name, fs in report["feature_sets"].items():
@@ -1156,11 +1116,9 @@ def _propagation_cli(args) -> int:
     model, cfg, info, loader, names = _target_and_data(args)
     per_batch = min(args.batch_size, len(loader.dataset)) * (cfg.val_size // cfg.patch) ** 2
     if per_batch < cfg.group:                      # before any forward pass
-        raise EvalError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
+        raise PPAPError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
                         f"fewer than one anchor group ({cfg.group}); raise --batch-size (or --limit)")
-    hyper = {k: getattr(cfg, k) for k in PROP_HYPER}
-    report, fig = propagation_report(model.to(device), loader, device, hyper, group=cfg.group,
-                                     anchors_per_group=cfg.group // cfg.trainpatchsplit, seed=args.anchors_seed,
+    report, fig = propagation_report(model.to(device), loader, device, ppap.build_loss(cfg), seed=args.anchors_seed,
                                      trained=args.trained_features, amp=ppap.amp_dtype(cfg, device))
     out_dir = _out_dir(args, info, "propagation")
     png = plot_propagation(fig, names, os.path.join(out_dir, "propagation.png")) if fig else None
@@ -1169,7 +1127,7 @@ def _propagation_cli(args) -> int:
         "data": cfg.data, "limit": args.limit or None, "batch_size": args.batch_size,
         "hyper_source": "the run's config" if info["kind"] == "run"
         else f"the {cfg.data} preset for {cfg.arch}/{cfg.patch} (ppap.PRESETS)",
-        "trainpatchsplit": cfg.trainpatchsplit, "mode": "eval (no Dropout2d on the criterion features)",
+        "mode": "eval (no Dropout2d on the criterion features)",
         "figure": os.path.basename(png) if png else None, "git_commit": ppap.git_commit(), "device": str(device),
         "torch": torch.__version__, "seconds": round(time.time() - t0, 2)})
     os.makedirs(out_dir, exist_ok=True)
@@ -1205,21 +1163,21 @@ MANIFEST_HEADER = ("name", "file_id", "dataset", "arch", "patch")   # download.s
 
 def read_manifest(ck_dir: str) -> list[dict]:
     """DIR/checkpoints.tsv (written by `bash download.sh checkpoints DIR`) -> its rows as dicts with the
-    header's keys (patch as int). Problems are one EvalError line."""
+    header's keys (patch as int). Problems are one PPAPError line."""
     path = os.path.join(ck_dir, "checkpoints.tsv")
     if not os.path.isfile(path):
-        raise EvalError(f"no {path} — run: bash download.sh checkpoints {ck_dir}")
+        raise PPAPError(f"no {path} — run: bash download.sh checkpoints {ck_dir}")
     with open(path) as f:
         lines = [ln.rstrip("\n").rstrip("\r") for ln in f]
     lines = [ln for ln in lines if ln.strip()]
     if not lines or tuple(lines[0].split("\t")) != MANIFEST_HEADER:
-        raise EvalError(f"{path}: expected the header {chr(9).join(MANIFEST_HEADER)!r} (tab-separated) — "
+        raise PPAPError(f"{path}: expected the header {chr(9).join(MANIFEST_HEADER)!r} (tab-separated) — "
                         f"run: bash download.sh checkpoints {ck_dir}")
     rows = []
     for i, ln in enumerate(lines[1:], start=2):
         cells = ln.split("\t")
         if len(cells) != len(MANIFEST_HEADER) or not cells[4].strip().isdigit():
-            raise EvalError(f"{path}:{i}: expected {len(MANIFEST_HEADER)} tab-separated fields with an "
+            raise PPAPError(f"{path}:{i}: expected {len(MANIFEST_HEADER)} tab-separated fields with an "
                             f"integer patch, got {ln!r}")
         row = dict(zip(MANIFEST_HEADER, (c.strip() for c in cells)))
         row["patch"] = int(row["patch"])
@@ -1233,7 +1191,7 @@ def _data_missing(row: dict, data_dir: str) -> str | None:
         cfg = ppap.make_config({"data": row["dataset"], "arch": row["arch"], "patch": row["patch"],
                                 "data_dir": data_dir, "progress": False})
         ppap.build_dataset(cfg, "val")
-    except EvalError as e:
+    except PPAPError as e:
         msg = " ".join(str(e).split())
         if msg.startswith("unknown"):
             return msg
@@ -1282,7 +1240,7 @@ def audit(args, progress: bool = True) -> dict:
         print(f"evaluating {m['name']} ({m['dataset']}, {m['arch']}/{m['patch']})", flush=True)
         try:
             doc, res, _ = evaluate_target(sub, dense_crf=dense_crf, progress=progress)
-        except EvalError as e:
+        except PPAPError as e:
             msg = " ".join(str(e).split())
             rows.append({**row, "status": "error", "reason": msg})
             print(f"error in {m['name']}: {msg}")
@@ -1377,9 +1335,9 @@ def _val_loader(cfg, limit: int, batch_size: int):
     try:
         ds = ppap.build_dataset(cfg, "val")
     except (FileNotFoundError, NotADirectoryError, OSError) as e:
-        raise EvalError(f"cannot load {cfg.data} val data from {cfg.data_dir}: {e}") from None
+        raise PPAPError(f"cannot load {cfg.data} val data from {cfg.data_dir}: {e}") from None
     if len(ds) == 0:
-        raise EvalError(f"no val images found for {cfg.data} in {cfg.data_dir}")
+        raise PPAPError(f"no val images found for {cfg.data} in {cfg.data_dir}")
     names = list(getattr(ds, "class_names", None) or [str(i) for i in range(ds.n_classes)])
     if limit and limit > 0:
         ds = ppap.subset(ds, range(min(limit, len(ds))))
@@ -1392,7 +1350,7 @@ def _load_target(args) -> tuple:
     suffix: <run>, <run folder>/<stem> or runs/<stem>)."""
     if args.run:
         if not os.path.exists(args.run):
-            raise EvalError(f"run not found: {args.run}")
+            raise PPAPError(f"run not found: {args.run}")
         ckpt_path = ppap.checkpoint_file(args.run)
         model, cfg, ckpt = ppap.load_run(args.run)
         over = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir)) if v is not None}
@@ -1440,7 +1398,7 @@ def _target_and_data(args) -> tuple:
     cfg = _eval_cfg(cfg, args)
     loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
     if int(model.n_classes) != n_classes:
-        raise EvalError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
+        raise PPAPError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
     if info["class_names"] and len(info["class_names"]) == n_classes:
         names = list(info["class_names"])
     return model, cfg, info, loader, names
@@ -1452,7 +1410,7 @@ def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, 
     ``dense_crf``: the loaded CRF op when args.crf (loaded here if None)."""
     t0 = time.time()
     device = ppap.setup_distributed(args.device)      # under torchrun: this process's device, val shard
-    progress = progress and ppap.dist_world()[0] == 0
+    progress = progress and ppap.dist_rank() == 0
     crf_on = crf_device(args.crf_device, device) if args.crf else None
     if args.crf and dense_crf is None:
         dense_crf = load_crf(crf_on)  # fail fast, before loading anything
@@ -1481,7 +1439,7 @@ def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, 
     }
     if km is not None:
         meta["kmeans"] = km
-    if ppap.dist_world()[0] == 0:                     # the counts are the job's: rank 0 writes them
+    if ppap.dist_rank() == 0:                     # the counts are the job's: rank 0 writes them
         doc = write_outputs(res, names, out_dir, meta, crf=args.crf)
     else:
         doc = {**meta, "pngs": {}}
@@ -1517,104 +1475,157 @@ def _knn_cli(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate PPAP checkpoints (the authors' evaluation protocol), "
-                                            "audit the released ones, measure propagation, summarise seeds, "
-                                            "or build kNN image tables.")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--run-dir", "--run", dest="run", help="run directory or checkpoint .pt of ours (--run-dir "
-                   "under torchrun, which reads --run as its own --run-path)")
-    g.add_argument("--official", help="authors' released checkpoint (.pth)")
-    g.add_argument("--summarize", nargs="+", metavar="RUN", help="mean ± std over runs (seeds)")
-    g.add_argument("--knn", action="store_true", help="each image's nearest images by backbone features "
-                                                      "(table + knn.png)")
-    g.add_argument("--audit", action="store_true", help="evaluate every released checkpoint listed in "
-                   "--checkpoints/checkpoints.tsv whose file and data are present; audit.md + audit.json")
-    p.add_argument("--propagation", action="store_true", help="with --run/--official: proxy anchor "
-                   "propagation statistics per step t = 0..T on labelled val images (propagation.json + .png)")
-    p.add_argument("--anchors-seed", type=int, default=0, help="seed of the anchors for --propagation")
-    p.add_argument("--trained-features", default="z", choices=("z", "code"),
-                   help="the trained feature set --propagation reports next to the criterion's (default z)")
-    p.add_argument("--checkpoints", default=None, help="for --audit: folder of `bash download.sh checkpoints` "
-                   "(default $PPAP_CHECKPOINTS or ./checkpoints)")
-    p.add_argument("--data", default=None, help="data set (default: the run's; cocostuff for --official)")
-    p.add_argument("--data-dir", default=None, help="data root (default: the run's / $PPAP_DATA)")
-    p.add_argument("--arch", default=None, help="backbone for --official/--knn (default vit_small / the "
-                                                 "dataset's)")
-    p.add_argument("--patch", type=int, default=None, help="patch size for --official/--knn (default 8)")
-    p.add_argument("--weights", default=None, help="backbone weights for --knn (default: the released ones)")
-    p.add_argument("--k", type=int, default=7, help="neighbours per image for --knn")
-    p.add_argument("--split", default="train", choices=("train", "val"), help="split for --knn")
-    p.add_argument("--crf", action="store_true", help="also report dense-CRF refined scores")
-    p.add_argument("--crf-device", default="auto", help="where the CRF runs: auto (the evaluation's GPU when "
-                   "the CUDA kernels build there, else the CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N val images (0: all; the run's --val-limit is not used)")
-    p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: min(4, cores))")
-    p.add_argument("--n-examples", type=int, default=4, help="images in examples.png")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="autocast (default: the run's setting, i.e. on CUDA unless it said otherwise; "
-                        "on CUDA for --official, as the authors)")
-    p.add_argument("--kmeans", action="store_true",
-                   help="also score spherical k-means (K = classes) on the code: a label-free diagnostic that "
-                        "does not depend on the cluster probe's initialisation (probe 'kmeans')")
-    p.add_argument("--kmeans-restarts", type=int, default=KMEANS_RESTARTS, help="k-means restarts (seeds "
-                   "kmeans-seed + r); the lowest inertia is kept")
-    p.add_argument("--kmeans-samples", type=int, default=KMEANS_SAMPLES,
-                   help="code vectors k-means is fitted on (a fixed per-image patch subsample)")
-    p.add_argument("--kmeans-seed", type=int, default=0, help="first k-means seed (and the subsample's)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow arbitrary pickled objects in --official checkpoints (trusted files only)")
+# ---- command line: one parser per mode, so that argparse checks each mode's flags
+
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+# every flag once: name -> (option strings, argparse keywords); MODES says which mode takes which
+FLAGS = {
+    "run": (("--run-dir", "--run"), dict(dest="run", help="run directory or checkpoint .pt of ours (--run-dir under "
+                                                        "torchrun, which reads --run as its own --run-path)")),
+    "official": (("--official",), dict(help="authors' released checkpoint (.pth)")),
+    "propagation": (("--propagation",), dict(action="store_true", required=True, help="this mode")),
+    "summarize": (("--summarize",), dict(nargs="+", metavar="RUN", required=True, help="runs (or metrics.json "
+                                                                                        "files) to summarise")),
+    "knn": (("--knn",), dict(action="store_true", required=True, help="this mode")),
+    "audit": (("--audit",), dict(action="store_true", required=True, help="this mode")),
+    "checkpoints": (("--checkpoints",), dict(default=None, help="folder of `bash download.sh checkpoints` (default "
+                                                                "$PPAP_CHECKPOINTS or ./checkpoints)")),
+    "data": (("--data",), dict(default=None, help="data set (default: the run's; cocostuff for --official)")),
+    "data_dir": (("--data-dir",), dict(default=None, help="data root (default: the run's / $PPAP_DATA)")),
+    "arch": (("--arch",), dict(default=None, help="backbone for --official/--knn (default vit_small / the dataset's)")),
+    "patch": (("--patch",), dict(type=_count(1), default=None, help="patch size for --official/--knn (default 8)")),
+    "weights": (("--weights",), dict(default=None, help="backbone weights (default: the released ones)")),
+    "k": (("--k",), dict(type=_count(1), default=7, help="neighbours per image")),
+    "split": (("--split",), dict(default="train", choices=("train", "val"), help="the split")),
+    "crf": (("--crf",), dict(action="store_true", help="also report dense-CRF refined scores")),
+    "crf_device": (("--crf-device",), dict(default="auto", help="where the CRF runs: auto (the evaluation's GPU when "
+                                           "the CUDA kernels build there, else the CPU) | cpu | cuda | cuda:N")),
+    "out": (("--out",), dict(default=None, help="output directory")),
+    "device": (("--device",), dict(default="auto", help="auto | cpu | cuda | cuda:N")),
+    "batch_size": (("--batch-size",), dict(type=_count(1), default=8, help="images per batch")),
+    "limit": (("--limit",), dict(type=_count(0), default=0, help="only the first N val images (0: all; the run's "
+                                                                 "--val-limit is not used)")),
+    "num_workers": (("--num-workers",), dict(type=_count(0), default=None, help="data loader workers (default: "
+                                                                                "min(4, cores))")),
+    "n_examples": (("--n-examples",), dict(type=_count(0), default=4, help="images in examples.png")),
+    "amp": (("--amp",), dict(action=argparse.BooleanOptionalAction, default=None,
+                             help="autocast (default: the run's setting, i.e. on CUDA unless it said otherwise; "
+                                  "on CUDA for --official, as the authors)")),
+    "kmeans": (("--kmeans",), dict(action="store_true", help="also score spherical k-means (K = classes) on the "
+               "code: a label-free diagnostic that does not depend on the cluster probe's initialisation")),
+    "kmeans_restarts": (("--kmeans-restarts",), dict(type=_count(1), default=KMEANS_RESTARTS, help="k-means "
+                        "restarts (seeds kmeans-seed + r); the lowest inertia is kept")),
+    "kmeans_samples": (("--kmeans-samples",), dict(type=_count(1), default=KMEANS_SAMPLES, help="code vectors "
+                       "k-means is fitted on (a fixed per-image patch subsample)")),
+    "kmeans_seed": (("--kmeans-seed",), dict(type=_count(0), default=0, help="first k-means seed (and the "
+                                                                            "subsample's)")),
+    "anchors_seed": (("--anchors-seed",), dict(type=_count(0), default=0, help="seed of the anchors")),
+    "trained_features": (("--trained-features",), dict(default="z", choices=("z", "code"), help="the trained "
+                         "feature set reported next to the criterion's")),
+    "trust_pickle": (("--trust-pickle",), dict(action="store_true", help="allow arbitrary pickled objects in "
+                                                                         "--official checkpoints (trusted files only)")),
+}
+_SCORING = ("device", "batch_size", "limit", "num_workers", "amp")
+_TARGET_DATA = ("data", "data_dir", "arch", "patch", "trust_pickle")
+_CRF_KMEANS = ("crf", "crf_device", "n_examples", "kmeans", "kmeans_restarts", "kmeans_samples", "kmeans_seed")
+# mode -> (what it does, its flags; "target" = exactly one of --run/--official)
+MODES = {
+    "evaluate": ("score a run (--run) or an authors' checkpoint (--official) on its val set: metrics.json, "
+                 "confusion matrices, examples.png", ("target", *_TARGET_DATA, *_SCORING, *_CRF_KMEANS, "out")),
+    "propagation": ("with --run/--official: proxy anchor propagation statistics per step t = 0..T on labelled val "
+                    "images (propagation.json + .png)", ("propagation", "target", *_TARGET_DATA, *_SCORING,
+                                                          "anchors_seed", "trained_features", "out")),
+    "summarize": ("mean ± std over runs (seeds)", ("summarize", "out")),
+    "knn": ("each image's nearest images by backbone features (table + knn.png)",
+            ("knn", "data", "data_dir", "arch", "patch", "weights", "k", "split", "out", "device", "batch_size",
+             "num_workers")),
+    "audit": ("evaluate every released checkpoint listed in --checkpoints/checkpoints.tsv whose file and data are "
+              "present; audit.md + audit.json", ("audit", "checkpoints", "data_dir", "trust_pickle", *_SCORING,
+                                                 *_CRF_KMEANS, "out")),
+}
+
+
+def mode_of(argv) -> str:
+    """The mode a command line asks for: the first of --summarize, --knn, --audit, --propagation it holds, else
+    evaluate (argparse then rejects a second mode's flag as a flag this mode does not take)."""
+    for mode in ("summarize", "knn", "audit", "propagation"):
+        if any(a == f"--{mode}" or a.startswith(f"--{mode}=") for a in argv):
+            return mode
+    return "evaluate"
+
+
+def build_parser(mode: str = "evaluate") -> argparse.ArgumentParser:
+    """The parser of one mode: its flags only."""
+    about, names = MODES[mode]
+    others = "; ".join(f"{MODES[m][1][0] if m != 'evaluate' else '--run/--official'}: {MODES[m][0]}"
+                       for m in MODES if m != mode)
+    p = ppap._Parser(prog="eval.py" + ("" if mode == "evaluate" else f" --{mode}"), description=about,
+                     epilog=f"Other modes (each with its own --help): {others}.")
+    p.hint = f"python eval.py{'' if mode == 'evaluate' else ' --' + mode} --help lists this mode's flags"
+    for name in names:
+        if name == "target":
+            g = p.add_mutually_exclusive_group(required=True)
+            for key in ("run", "official"):
+                g.add_argument(*FLAGS[key][0], **FLAGS[key][1])
+        else:
+            p.add_argument(*FLAGS[name][0], **FLAGS[name][1])
     return p
 
 
+def parse_args(argv) -> argparse.Namespace:
+    """argv -> the namespace of its mode (args.mode), every flag of the other modes at its default."""
+    mode = mode_of(argv)
+    args = build_parser(mode).parse_args(argv)
+    defaults = {dest: kw.get("default", False if kw.get("action") == "store_true" else None)
+                for name, (_, kw) in FLAGS.items() for dest in [kw.get("dest", name)]}
+    return argparse.Namespace(**{**defaults, **vars(args), "mode": mode})
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     with ppap.job_output():
-        return _main(args)
+        try:
+            args = parse_args(argv)
+            return _main(args)
+        except PPAPError as e:
+            msg = ppap.one_line(e)
+            if msg.startswith("CRF unavailable"):
+                print(msg, file=sys.stderr)
+            else:
+                ppap.report_error(e)
+            return 2
 
 
 def _main(args) -> int:
-    try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.run or args.official) or \
-                (int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.kmeans or args.propagation)):
-            raise EvalError("under torchrun, eval.py evaluates --run/--official (the val set is shared out); "
-                            "run --summarize, --knn, --audit, --kmeans and --propagation as one process")
-        if args.kmeans and (args.kmeans_restarts < 1 or args.kmeans_samples < 1):
-            raise EvalError("--kmeans-restarts and --kmeans-samples must be >= 1")
-        if args.kmeans and not (args.run or args.official or args.audit):
-            raise EvalError("--kmeans goes with --run, --official or --audit")
-        if args.propagation and not (args.run or args.official):
-            raise EvalError("--propagation goes with --run or --official")
-        if args.propagation and (args.crf or args.kmeans):
-            raise EvalError("--propagation reports on the loss's sets; evaluate with --crf/--kmeans separately")
-        if args.summarize:
-            s = summarize(args.summarize)
-            print(format_summary(s))
-            if args.out:
-                if os.path.exists(args.out) and not os.path.isdir(args.out):
-                    raise EvalError(f"--out {args.out} is a file; give a directory")
-                os.makedirs(args.out, exist_ok=True)
-                path = os.path.join(args.out, "summary.json")
-                ppap.atomic_write(path, lambda p: ppap.write_json(p, _nan_to_none(s), indent=1))
-                print(f"wrote {path}")
-            return 0
-        if args.batch_size < 1:
-            raise EvalError("--batch-size must be >= 1")
-        if args.audit:
-            return _audit_cli(args)
-        if args.propagation:
-            return _propagation_cli(args)
-        return _knn_cli(args) if args.knn else _evaluate_cli(args)
-    except EvalError as e:
-        msg = ppap.one_line(e)
-        if msg.startswith("CRF unavailable"):
-            print(msg, file=sys.stderr)
-        else:
-            ppap.report_error(e)
-        return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.mode != "evaluate" or args.kmeans):
+        raise PPAPError("under torchrun, eval.py evaluates --run/--official (the val set is shared out); "
+                        "run --summarize, --knn, --audit, --kmeans and --propagation as one process")
+    if args.mode == "summarize":
+        s = summarize(args.summarize)
+        print(format_summary(s))
+        if args.out:
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise PPAPError(f"--out {args.out} is a file; give a directory")
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, "summary.json")
+            ppap.atomic_write(path, lambda p: ppap.write_json(p, _nan_to_none(s), indent=1))
+            print(f"wrote {path}")
+        return 0
+    return {"audit": _audit_cli, "propagation": _propagation_cli, "knn": _knn_cli,
+            "evaluate": _evaluate_cli}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,25 @@
 """PPAP: Progressive Proxy Anchor Propagation for Unsupervised Semantic Segmentation (ECCV 2024).
 
-One readable file, the method first and the plumbing after it:
-config and presets -> frozen DINO ViT -> the two branches and probes -> proxy anchor propagation and the
-PPAP loss -> train step, validation and loop -> support code (weights, datasets, five-crop cache,
-checkpoints and files) -> CLI.
+One file, read top to bottom: the method first, the machinery after it.
+
+    METHOD      config and presets -> the backbone contract and DINO's ViT -> the two branches and the probes
+                -> proxy anchor propagation and the PPAP loss -> the train step -> the training loop
+                -> the evaluation protocol (metrics, evaluate)
+    MACHINERY   DINOv2 details -> backbone registry and weights -> datasets and the five-crop set
+                -> checkpoints and run directories -> several processes (torchrun) -> CLI
 
     python ppap.py --data synthetic            # offline demo on CPU, a few minutes
     python ppap.py --data cocostuff            # the paper's default preset (ViT-S/8), one GPU
     python ppap.py --data cityscapes --help    # every flag, with the value this preset uses
+
+To fork:
+    a new loss or positives rule    subclass PPAPLoss (its __call__ is all the step uses), return it from
+                                    build_loss; eval.py --propagation then measures your sets
+    a loss hyper-parameter          one Config field with loss=True, read in your loss as self.cfg.<name>
+    another backbone                any nn.Module with the backbone contract (patch_size, embed_dim,
+                                    features, make_head, code), registered in BACKBONES
+    another dataset                 one DATASETS entry and its reader
+README "Forking" has a worked example of each, backed by tests.
 
 Numbers follow the authors' code (github.com/hynnsk/PPAP) on the same inputs; every deviation is a flag.
 """
@@ -32,6 +44,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,7 +56,7 @@ from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 try:
-    import fcntl                      # POSIX file locks (the five-crop build); absent on Windows
+    import fcntl                      # POSIX file locks (five-crop build, run directories); absent on Windows
 except ImportError:                   # pragma: no cover
     fcntl = None
 
@@ -52,37 +65,38 @@ class PPAPError(Exception):
     """A user-facing problem (missing data, wrong weights, bad flag): printed as one line, exit code 2."""
 
 
-# ==== CONFIG ====
+# ===================================================================================================== METHOD
+# ==== CONFIG AND PRESETS ====
 
-def _f(default, help: str):
-    """A Config field: its default and the one line `--help` shows for it."""
-    return field(default=default, metadata={"help": help})
+def _f(default, help: str, loss: bool = False):
+    """A Config field: its default, the one line `--help` shows for it, and whether it is a hyper-parameter
+    of the loss (the loss reads it; eval.py --propagation reports it)."""
+    return field(default=default, metadata={"help": help, "loss": loss})
 
 
 @dataclass
 class Config:
     # -- what to train on, and with which frozen backbone
-    data: str = _f("cocostuff", "synthetic | cocostuff | cityscapes | potsdam | imagenet-s")
+    data: str = _f("cocostuff", "the dataset (DATASETS)")
     data_dir: str = _f(os.environ.get("PPAP_DATA", "./data"), "dataset root as download.sh lays it out "
                        "($PPAP_DATA)")
     imagenet_s_classes: int = _f(50, "ImageNet-S variant: 50 | 300 | 919")
-    arch: str = _f("vit_small", "backbone: vit_small | vit_base (DINO) | dinov2_vits14 | dinov2_vitb14 | "
-                   "dinov2_vits14_reg | dinov2_vitb14_reg (DINOv2) | vit_tiny_demo (random init, offline demo)")
+    arch: str = _f("vit_small", "the frozen backbone (BACKBONES)")
     patch: int = _f(8, "ViT patch size: 8 | 16 for DINO; 14 for DINOv2 (implied by its --arch)")
     weights: str = _f("", "backbone checkpoint file; empty = the released DINO/DINOv2 one via the torch hub "
                       "cache")
     crop_quality: int = _f(0, "five-crop JPEGs: 0 = Pillow's defaults (quality 75, 4:2:0), as the authors' "
                            "crop script; 1-100 = that quality with 4:4:4 chroma (opt-in, other training data)")
     # -- the PPAP loss (the authors' loss.py, SupConLoss)
-    phi0: float = _f(0.55, "initial positiveness boundary Phi_0")
-    psi0: float = _f(0.20, "initial ambiguity boundary Psi_0")
-    prop_iter: int = _f(2, "T, proxy anchor propagation steps (0 = ablation: no propagation)")
-    sigma_pos: float = _f(3.0, "sigma_pos: Phi_t = Phi_{t-1} - (1 - cos(v_{t-1}, v_t)) / sigma_pos")
-    sigma_amb: float = _f(3.0, "sigma_amb: Psi_t = Psi_{t-1} + (1 - cos(v_{t-1}, v_t)) / sigma_amb")
-    tau: float = _f(0.8, "temperature of the contrastive logits z_a . z_j / tau")
-    trainpatchsplit: int = _f(16, "anchors per group = group / trainpatchsplit")
-    group: int = _f(784, "rows per anchor group (the authors' split: one /8 image at 224 px)")
-    no_ambiguity: bool = _f(False, "ablation: Psi = Phi, every non-positive is a negative")
+    phi0: float = _f(0.55, "initial positiveness boundary Phi_0", loss=True)
+    psi0: float = _f(0.20, "initial ambiguity boundary Psi_0", loss=True)
+    prop_iter: int = _f(2, "T, proxy anchor propagation steps (0 = ablation: no propagation)", loss=True)
+    sigma_pos: float = _f(3.0, "sigma_pos: Phi_t = Phi_{t-1} - (1 - cos(v_{t-1}, v_t)) / sigma_pos", loss=True)
+    sigma_amb: float = _f(3.0, "sigma_amb: Psi_t = Psi_{t-1} + (1 - cos(v_{t-1}, v_t)) / sigma_amb", loss=True)
+    tau: float = _f(0.8, "temperature of the contrastive logits z_a . z_j / tau", loss=True)
+    trainpatchsplit: int = _f(16, "anchors per group = group / trainpatchsplit", loss=True)
+    group: int = _f(784, "rows per anchor group (the authors' split: one /8 image at 224 px)", loss=True)
+    no_ambiguity: bool = _f(False, "ablation: Psi = Phi, every non-positive is a negative", loss=True)
     ppap_weight: float = _f(1.0, "weight of the PPAP loss (0 = ablation: probes on the unchanged head)")
     cluster_probes: int = _f(1, "cluster probes trained side by side from their own random inits (1 = the "
                              "authors'); >1 adds probe 'cluster_sel': the lowest clustering loss, no labels")
@@ -119,7 +133,8 @@ class Config:
     progress: bool = _f(True, "progress bars")
 
 
-# The authors' presets (their json/server/*.json), chosen by --data and --arch/--patch.
+# The authors' presets (their json/server/*.json), by (--data, --arch, --patch). A dataset or backbone without
+# its own rows borrows them (DATASETS[...].presets, BACKBONES[...].presets).
 PRESETS = {
     ("cocostuff", "vit_small", 8): dict(phi0=0.55, psi0=0.20, prop_iter=2, sigma_pos=3, sigma_amb=3, tau=0.8,
                                         trainpatchsplit=16, optimizer="adamw", lr=1e-3, weight_decay=0.1,
@@ -144,30 +159,33 @@ PRESETS = {
                                             cluster_lr=5e-3, epochs=4, max_steps=400, batch_size=16,
                                             img_size=112, val_size=112, val_every=100, num_workers=0),
 }
-# The backbone each dataset uses when --arch/--patch are not given (the paper's default per dataset).
-DEFAULT_BACKBONE = {"cocostuff": ("vit_small", 8), "cityscapes": ("vit_base", 8), "potsdam": ("vit_base", 8),
-                    "imagenet-s": ("vit_small", 8), "synthetic": ("vit_tiny_demo", 8)}
-# DINOv2 has no authors' presets: a DINOv2 backbone borrows the dataset's /8 preset of the DINO ViT of its
-# width (e.g. cityscapes + dinov2_vits14 -> the cityscapes ViT-S/8 values), else the dataset's default preset.
-# Phi0/Psi0 were tuned on DINO's similarity scale; README "DINOv2 backbones" says how to check them.
-DINOV2_PRESET_FROM = {"dinov2_vits14": "vit_small", "dinov2_vitb14": "vit_base",
-                      "dinov2_vits14_reg": "vit_small", "dinov2_vitb14_reg": "vit_base"}
+
+
+def flag(name: str) -> str:
+    """A Config field's command-line spelling: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def preset_for(data: str, arch: str, patch: int) -> dict:
+    """The PRESETS row of (data, arch, patch). A dataset may take another's rows (DATASETS[data].presets), a
+    backbone another's at patch 8 (DINOv2: the DINO ViT of its width); otherwise the dataset's default row."""
+    data = DATASETS[data].presets or data
+    borrowed = BACKBONES[arch].presets if arch in BACKBONES else ""
+    default = PRESETS.get((data, *DATASETS[data].backbone), {})
+    return PRESETS.get((data, arch, patch)) or PRESETS.get((data, borrowed, 8)) or default
 
 
 def make_config(overrides: dict) -> Config:
-    """Defaults <- preset of (data, arch, patch) <- explicit overrides. Unknown combos keep the dataset's
-    default preset. Without --patch the dataset's default patch is used when the arch has it, else the
-    arch's own (14 for DINOv2)."""
+    """Defaults <- preset of (data, arch, patch) <- explicit overrides. Without --patch the dataset's default
+    patch is used when the arch has it, else the arch's own (14 for DINOv2)."""
     data = overrides.get("data", Config.data)
-    if data not in DEFAULT_BACKBONE:
-        raise PPAPError(f"unknown --data {data!r}; choose one of {', '.join(DEFAULT_BACKBONE)}")
-    default_arch, default_patch = DEFAULT_BACKBONE[data]
+    if data not in DATASETS:
+        raise PPAPError(f"unknown --data {data!r}; choose one of {', '.join(DATASETS)}")
+    default_arch, default_patch = DATASETS[data].backbone
     arch = overrides.get("arch", default_arch)
-    patches = ARCH_PATCHES.get(arch, (default_patch,))
+    patches = BACKBONES[arch].patches if arch in BACKBONES else (default_patch,)
     patch = overrides.get("patch", default_patch if default_patch in patches else patches[0])
-    preset = (PRESETS.get((data, arch, patch)) or PRESETS.get((data, DINOV2_PRESET_FROM.get(arch), 8))
-              or PRESETS.get((data, default_arch, default_patch), {}))
-    values = {**preset, "data": data, "arch": arch, "patch": patch, **overrides}
+    values = {**preset_for(data, arch, patch), "data": data, "arch": arch, "patch": patch, **overrides}
     unknown = set(values) - {f.name for f in fields(Config)}
     if unknown:
         raise PPAPError(f"unknown config field(s): {', '.join(sorted(unknown))}")
@@ -178,31 +196,32 @@ def make_config(overrides: dict) -> Config:
 
 def check_config(cfg: Config) -> None:
     """One-line errors for values no run can use."""
-    if cfg.arch not in ARCHS:
-        raise PPAPError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    if cfg.arch not in BACKBONES:
+        raise PPAPError(f"unknown --arch {cfg.arch!r}; choose one of {', '.join(BACKBONES)}")
     positive = ("trainpatchsplit", "group", "batch_size", "img_size", "val_size", "epochs", "imagenet_s_classes",
                 "cluster_probes")
     for name in positive:
         if getattr(cfg, name) <= 0:
-            raise PPAPError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}")
+            raise PPAPError(f"{flag(name)} must be positive, not {getattr(cfg, name)}")
     if cfg.num_workers < -1:
         raise PPAPError(f"--num-workers must be -1 (automatic), 0 or more, not {cfg.num_workers}")
     for name in ("max_steps", "seed", "crop_workers", "val_every", "val_limit", "val_subset"):
         if getattr(cfg, name) < 0:
-            raise PPAPError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(cfg, name)}")
+            raise PPAPError(f"{flag(name)} must be >= 0, not {getattr(cfg, name)}")
     for name in ("phi0", "psi0", "sigma_pos", "sigma_amb", "tau", "ppap_weight", "lr", "weight_decay",
                  "linear_lr", "cluster_lr", "grad_clip"):
         if not math.isfinite(getattr(cfg, name)):
-            raise PPAPError(f"--{name.replace('_', '-')} must be a finite number, not {getattr(cfg, name)}")
+            raise PPAPError(f"{flag(name)} must be a finite number, not {getattr(cfg, name)}")
     for name in ("tau", "sigma_pos", "sigma_amb", "grad_clip"):
         if getattr(cfg, name) <= 0:
-            raise PPAPError(f"--{name.replace('_', '-')} must be positive, not {getattr(cfg, name)}")
+            raise PPAPError(f"{flag(name)} must be positive, not {getattr(cfg, name)}")
     for name in ("lr", "weight_decay", "linear_lr", "cluster_lr", "ppap_weight"):
         if getattr(cfg, name) < 0:
-            raise PPAPError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(cfg, name)}")
-    if cfg.patch not in ARCH_PATCHES[cfg.arch]:
+            raise PPAPError(f"{flag(name)} must be >= 0, not {getattr(cfg, name)}")
+    patches = BACKBONES[cfg.arch].patches
+    if cfg.patch not in patches:
         raise PPAPError(f"--patch {cfg.patch} does not exist for --arch {cfg.arch}; its patch size is "
-                        f"{' or '.join(map(str, ARCH_PATCHES[cfg.arch]))}")
+                        f"{' or '.join(map(str, patches))}")
     # Train crops must tile into patches; --val-size need not (the evaluation protocol's 320 px is not a
     # multiple of 14): PPAP.forward resizes such inputs to the nearest multiple, labels keep their size.
     if cfg.img_size % cfg.patch:
@@ -218,11 +237,20 @@ def check_config(cfg: Config) -> None:
     if not 0 <= cfg.crop_quality <= 100:
         raise PPAPError(f"--crop-quality must be 0 (Pillow's defaults) or 1-100, not {cfg.crop_quality}")
 
-
-# ==== BACKBONE: DINO ViT (frozen) ====
-# Key names and numerics of the released DINO checkpoints (DINO's vision_transformer.py, which the authors'
-# model/dino/vision_transformer.py copies), so that they load with strict=True. DINOv2's ViTs (below
-# VisionTransformer) are the same blocks plus LayerScale, register tokens and their own positional resize.
+# ==== THE BACKBONE CONTRACT, AND DINO's ViT (frozen) ====
+# PPAP needs four things of a frozen backbone, and touches nothing else of it:
+#   patch_size, embed_dim        the stride of its feature grid and the width D of its features
+#   features(x) -> (head_in, crit)
+#                                x [B,3,H,W] normalised (sides multiples of patch_size) -> the input of the
+#                                trainable head (any shape) and the criterion features crit [B,D,h,w]; called
+#                                under torch.no_grad()
+#   make_head() -> nn.Module     the trainable head, initialised from the backbone (DINO: a copy of its last block)
+#   code(head_out, (h, w)) -> [B,D,h,w]
+#                                the training branch's code from the head's output (DINO: the frozen final
+#                                LayerNorm, patch tokens only)
+# DINO's ViT below keeps the key names and numerics of the released checkpoints (DINO's vision_transformer.py,
+# which the authors' model/dino/vision_transformer.py copies), so that they load with strict=True. DINOv2's
+# ViTs (support code) are the same blocks plus LayerScale, register tokens and their own positional resize.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -270,17 +298,6 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-
-class LayerScale(nn.Module):
-    """DINOv2's learned per-channel scale of each residual branch (dinov2/layers/layer_scale.py): x * gamma."""
-
-    def __init__(self, dim: int, init: float = 1.0):       # DINOv2's hub models use init_values=1.0
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init))
-
-    def forward(self, x):
-        return x * self.gamma
 
 
 class Block(nn.Module):
@@ -391,6 +408,25 @@ class VisionTransformer(nn.Module):
     def forward(self, x):
         return self.tokens(x)[1]
 
+    # -- the backbone contract
+    def features(self, x):
+        """-> (tokens before the last block [B, n_prefix + h*w, D]: the head's input; the criterion features,
+        norm(last block) of the patch tokens [B,D,h,w]). The head sees every token, CLS and registers
+        included, as the last block does; code and crit keep the patch tokens only."""
+        t, c = self.tokens(x)
+        return t, self._grid(c, (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size))
+
+    def make_head(self) -> nn.Module:
+        """The trainable head: a copy of the last block, starting from its pretrained weights (no random draw)."""
+        return copy.deepcopy(self.blocks[-1])
+
+    def code(self, t, grid):
+        """Head output [B, n_prefix + h*w, D] -> the frozen final LayerNorm, patch tokens as a grid [B,D,h,w]."""
+        return self._grid(self.norm(t), grid)
+
+    def _grid(self, t, grid):
+        return t[:, self.n_prefix:].reshape(t.shape[0], *grid, -1).permute(0, 3, 1, 2)
+
 
 def vit_small(patch_size: int = 16) -> VisionTransformer:
     return VisionTransformer(patch_size, embed_dim=384, depth=12, num_heads=6)
@@ -405,54 +441,6 @@ def vit_tiny_demo(patch_size: int = 8) -> VisionTransformer:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         return VisionTransformer(patch_size, embed_dim=192, depth=4, num_heads=3)
-
-
-class DinoV2ViT(VisionTransformer):
-    """DINOv2's ViT (dinov2/models/vision_transformer.py, DinoVisionTransformer, as dinov2/hub/backbones.py
-    builds it: 518 px, i.e. a 37x37 positional grid at patch 14, LayerScale, no block chunks) on the blocks
-    above. Tokens are CLS, the registers (reg models: 4 learned tokens without a position), then the
-    patches. mask_token is only used by DINOv2's masked training; it is kept so the released state dicts
-    load with strict=True. Key names and their order are those of DinoVisionTransformer.state_dict()."""
-
-    def __init__(self, embed_dim: int, depth: int, num_heads: int, n_registers: int = 0,
-                 interp_offset: float = 0.1, interp_antialias: bool = False, patch_size: int = 14,
-                 img_size: int = 518):
-        super().__init__(patch_size, embed_dim, depth, num_heads, img_size=img_size, layerscale=True)
-        self.n_registers, self.n_prefix = n_registers, 1 + n_registers
-        self.interp_offset, self.interp_antialias = interp_offset, interp_antialias
-        # drawn as the CLS token is (the released weights replace both; DINOv2's own init is N(0, 1e-6))
-        self.register_tokens = nn.Parameter(trunc_normal_(torch.zeros(1, n_registers, embed_dim))) \
-            if n_registers else None
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-
-    def prepare_tokens(self, x):
-        """[B,3,H,W] -> [B,1+R+h*w,D]: CLS and patches with their positions, then the R registers inserted
-        after CLS (DinoVisionTransformer.prepare_tokens_with_masks)."""
-        t = super().prepare_tokens(x)
-        if self.register_tokens is None:
-            return t
-        return torch.cat((t[:, :1], self.register_tokens.expand(t.shape[0], -1, -1).to(t.dtype), t[:, 1:]), dim=1)
-
-
-# dinov2/hub/backbones.py: the plain models keep DINO's resize (offset 0.1, no antialias); the register
-# models (4 registers) resize to the exact size with antialiasing. name -> (width, depth, heads, registers)
-DINOV2_SHAPES = {"dinov2_vits14": (384, 12, 6, 0), "dinov2_vitb14": (768, 12, 12, 0),
-                 "dinov2_vits14_reg": (384, 12, 6, 4), "dinov2_vitb14_reg": (768, 12, 12, 4)}
-
-
-def dinov2(name: str, patch_size: int = 14) -> DinoV2ViT:
-    if patch_size != 14:
-        raise PPAPError(f"{name} has patch size 14, not {patch_size}")
-    dim, depth, heads, registers = DINOV2_SHAPES[name]
-    return DinoV2ViT(dim, depth, heads, n_registers=registers, interp_offset=0.0 if registers else 0.1,
-                     interp_antialias=bool(registers))
-
-
-ARCHS = {"vit_small": vit_small, "vit_base": vit_base, "vit_tiny_demo": vit_tiny_demo,
-         **{name: functools.partial(dinov2, name) for name in DINOV2_SHAPES}}
-# The patch sizes each arch is built with (--patch): DINO's released ViTs are /8 and /16, DINOv2's /14 only.
-ARCH_PATCHES = {"vit_small": (8, 16), "vit_base": (8, 16), "vit_tiny_demo": (8, 16), "dinov2_vits14": (14,),
-                "dinov2_vitb14": (14,), "dinov2_vits14_reg": (14,), "dinov2_vitb14_reg": (14,)}
 
 
 def patch_grid(size: int, patch: int) -> int:
@@ -508,13 +496,14 @@ class ClusterProbe(nn.Module):
 class PPAP(nn.Module):
     """Frozen backbone; criterion branch crit (decides positives/negatives); training branch code -> z; probes.
 
-    Built in the authors' order (DinoFeaturizer, then STEGOmodel): head (a copy, no random draw), projection,
-    cluster probe, linear probe, so that one seed gives the authors' initial projection and probes."""
+    The backbone is used through its contract only (features, make_head, code; see above). Built in the
+    authors' order (DinoFeaturizer, then STEGOmodel): head (a copy, no random draw), projection, cluster probe,
+    linear probe, so that one seed gives the authors' initial projection and probes."""
 
-    def __init__(self, backbone: VisionTransformer, n_classes: int, cluster_probes: int = 1):
+    def __init__(self, backbone: nn.Module, n_classes: int, cluster_probes: int = 1):
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
-        self.head = copy.deepcopy(backbone.blocks[-1]).requires_grad_(True)
+        self.head = backbone.make_head().requires_grad_(True)
         D = backbone.embed_dim
         self.proj = nn.Linear(D, D)
         self.cluster_probe = ClusterProbe(D, n_classes)
@@ -537,24 +526,18 @@ class PPAP(nn.Module):
         """x normalised [B,3,H,W] -> {'code' [B,D,h,w], 'z' [B*h*w,D] unit rows, 'crit' [B,D,h,w]};
         h = patch_grid(H, p): a side that is not a multiple of the patch is resized first (fit_to_patch).
 
-        The head (a copy of the last block) sees every token, CLS and registers included, as the
-        backbone's last block does; code, z and crit keep only the h*w patch tokens.
         crit_keep [B,D]: the criterion dropout in training (crit_dropout_mask); None leaves crit as is.
         probes: also the probes' outputs on the detached code (training: the probes learn inside the same
         forward call, as DistributedDataParallel needs): 'linear_logits' [B,C,h,w], 'cluster_scores' a list
         of [B,K,h,w], one per cluster probe."""
         x = fit_to_patch(x, self.patch_size)
-        B, _, H, W = x.shape
-        h, w = H // self.patch_size, W // self.patch_size
         with torch.no_grad():
-            t11, c = self.backbone.tokens(x)
-        n = self.backbone.n_prefix
-        grid = lambda t: t[:, n:].reshape(B, h, w, -1).permute(0, 3, 1, 2)
-        crit = grid(c)
+            head_in, crit = self.backbone.features(x)
         if crit_keep is not None:
             crit = crit * crit_keep.to(crit.device, crit.dtype)[:, :, None, None]
-        code = grid(self.backbone.norm(self.head(t11)))
-        z = F.normalize(self.proj(code.permute(0, 2, 3, 1).reshape(B * h * w, -1)), dim=1)
+        code = self.backbone.code(self.head(head_in), crit.shape[-2:])
+        B, D, h, w = code.shape
+        z = F.normalize(self.proj(code.permute(0, 2, 3, 1).reshape(B * h * w, D)), dim=1)
         out = {"code": code, "z": z, "crit": crit}
         if probes:
             out["linear_logits"] = self.linear_probe(code.detach())
@@ -573,9 +556,11 @@ def crit_dropout_mask(batch: int, dim: int, generator: torch.Generator | None = 
     return keep / (1 - CRIT_DROPOUT)
 
 
-def build_model(cfg: Config, n_classes: int) -> PPAP:
-    return PPAP(build_backbone(cfg), n_classes, cfg.cluster_probes)
-
+def build_model(cfg: Config, n_classes: int, weights: bool = True) -> PPAP:
+    """PPAP on the configured backbone; weights=False leaves the backbone randomly initialised (a checkpoint's
+    state dict replaces it)."""
+    return PPAP(build_backbone(cfg) if weights else new_backbone(cfg.arch, cfg.patch), n_classes,
+                cfg.cluster_probes)
 
 # ==== PROPAGATION AND LOSS: progressive proxy anchor propagation with an ambiguity zone ====
 # The paper's method section; the authors' loss.py, SupConLoss.forward. For each anchor, positives start
@@ -588,7 +573,15 @@ TAU_BASE = 0.07           # SupCon's base temperature, which the authors left at
 
 def draw_anchors(n_rows: int, group: int, n_anchors: int, generator=None) -> torch.Tensor:
     """One torch.randperm per group, as the authors do -> within-group positions [n_rows // group, A]."""
-    return torch.stack([torch.randperm(group, generator=generator)[:n_anchors] for _ in range(n_rows // group)])
+    perms = [torch.randperm(group, generator=generator)[:n_anchors] for _ in range(n_rows // group)]
+    return torch.stack(perms) if perms else torch.empty(0, n_anchors, dtype=torch.long)
+
+
+def not_anchor(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """[a,N] bool, False where sample j is anchor i itself: no anchor is its own positive or negative."""
+    others = torch.ones(len(rows), n, dtype=torch.bool, device=rows.device)
+    others[torch.arange(len(rows), device=rows.device), rows] = False
+    return others
 
 
 def _fp16(x: float) -> float:
@@ -596,122 +589,156 @@ def _fp16(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float16))
 
 
-def propagate(f: torch.Tensor, anchor_rows: torch.Tensor, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb,
-              no_ambiguity=False, trace: list | None = None):
-    """Move each anchor's proxy toward the dense region of its positives.
+class PPAPLoss:
+    """The PPAP loss, built once from the config (build_loss) and called once per step by train_step:
 
-    f [N,D] unit rows, anchor_rows [a] global row ids -> (positive mask [a,N] without the anchor itself,
-    negative mask [a,N] (sim < Psi), counted positives [a], counted negatives [a]).
-    Proxies are mask @ f products: no [a,N,D] tensor is ever built (the authors' code builds one).
+        share, stats = criterion(z, f, generator, part)
 
-    trace: None (training: nothing is recorded and nothing extra computed), or a list that receives one
-    dict per step t = 0..T (eval.py --propagation measures the paper's claim with it): 'pos', 'neg' [a,N]
-    bool, the sets this function would return had it stopped after step t (anchor excluded); 'sim' [a,N],
-    the similarity to the step's proxy (t = 0: the anchor itself); 'phi', 'psi' [a,1], the boundaries
-    Phi_t and Psi_t that defined them (t = 0: the exact Phi_0, as the positives use it).
-    """
-    N = f.shape[0]
-    fa = f[anchor_rows]
-    sim = fa @ f.T                                              # [a,N]
-    pos = sim > phi0                                            # P0 = {j : s_j > Phi0}
-    phi = torch.full((len(anchor_rows), 1), _fp16(phi0), device=f.device)
-    psi = torch.full((len(anchor_rows), 1), _fp16(psi0), device=f.device)
-    if trace is not None:
-        _trace_step(trace, anchor_rows, sim, pos, torch.full_like(phi, phi0), psi, no_ambiguity)
-    v_prev = fa
-    for _ in range(prop_iter):
-        v = F.normalize((pos.to(f.dtype) @ f) / N, dim=1)       # proxy: mean of positives, re-normalised
-        sim = v @ f.T
-        moved = 1.0 - F.cosine_similarity(v_prev, v, dim=1)[:, None]
-        psi = psi + moved / sigma_amb                           # further move -> wider ambiguity zone
-        phi = phi - moved / sigma_pos                           #             -> looser positive boundary
-        pos = sim > phi
-        v_prev = v
+    Its hyper-parameters are the Config fields marked loss=True, read here as self.cfg.<name> and nowhere else.
+    A fork subclasses it (sets() is the positive / negative rule, propagate() the proxy's moves) or writes any
+    class with the same __call__, and returns it from build_loss; eval.py --propagation measures the sets of
+    whatever loss build_loss returns (it needs anchors() and propagate())."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def __call__(self, z, f, generator: torch.Generator | None = None, part: tuple[int, int] = (0, 1)):
+        """z [N,D] unit rows (with gradient), f [N,D] criterion features (no gradient) of the whole batch (in a
+        job of several processes: every process's rows, gathered). The anchors of every group are drawn (the
+        same draws in every process); part = (k, n): compute the k-th of n consecutive shares of the groups.
+        -> (this share of the loss, {statistic: this share of its mean over the groups}): the shares of the
+        processes add up to the one-process values."""
+        rows = self.anchors(f.shape[0], generator)
+        mine = torch.tensor_split(torch.arange(len(rows)), part[1])[part[0]]
+        return self.anchored(z, f, rows[mine], n_groups=len(rows))
+
+    def anchors(self, n_rows: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The anchors of every full group of `group` rows (the authors' split: rows past the last full group
+        are contrast samples, never anchors): group / trainpatchsplit per group, drawn by draw_anchors ->
+        global row ids [n_rows // group, A]."""
+        group = self.cfg.group
+        positions = draw_anchors(n_rows, group, group // self.cfg.trainpatchsplit, generator)
+        return positions + torch.arange(len(positions))[:, None] * group
+
+    def sets(self, sim, pos, psi, rows):
+        """One step's sets: positives `pos` (above Phi), confident negatives below Psi (every non-positive
+        with --no-ambiguity), the anchor itself in neither; the rest is the ambiguity zone, which leaves the
+        loss's denominator. -> (positives, negatives) [a,N] bool; both may hold a sample where Phi < Psi."""
+        neg = ~pos if self.cfg.no_ambiguity else sim < psi
+        others = not_anchor(rows, sim.shape[1])
+        return pos & others, neg & others
+
+    def propagate(self, f: torch.Tensor, rows: torch.Tensor, trace: list | None = None):
+        """Move each anchor's proxy toward the dense region of its positives.
+
+        f [N,D] unit rows, rows [a] anchor row ids -> (positives, negatives) [a,N] (sets()). Proxies are
+        mask @ f products: no [a,N,D] tensor is ever built (the authors' code builds one).
+
+        trace: None (training: nothing recorded, nothing extra computed), or a list that receives one dict per
+        step t = 0..T (eval.py --propagation measures the paper's claim with it): 'pos', 'neg' [a,N] bool, the
+        sets had propagation stopped after step t; 'sim' [a,N], the similarity to the step's proxy (t = 0: the
+        anchor itself); 'phi', 'psi' [a,1], the boundaries Phi_t and Psi_t that defined them (t = 0: the exact
+        Phi_0, as the positives use it)."""
+        c = self.cfg
+        N = f.shape[0]
+        fa = f[rows]
+        sim = fa @ f.T                                              # [a,N]
+        pos = sim > c.phi0                                          # P0 = {j : s_j > Phi0}
+        phi = torch.full((len(rows), 1), _fp16(c.phi0), device=f.device)
+        psi = torch.full((len(rows), 1), _fp16(c.psi0), device=f.device)
         if trace is not None:
-            _trace_step(trace, anchor_rows, sim, pos, phi, psi, no_ambiguity)
-    neg = ~pos if no_ambiguity else sim < psi
-    self_mask = torch.zeros_like(pos)
-    self_mask[torch.arange(len(anchor_rows), device=f.device), anchor_rows] = True
-    pos = pos & ~self_mask
-    return pos, neg & ~self_mask, pos.sum(1), neg.sum(1)
+            trace.append({"sim": sim, "phi": torch.full_like(phi, c.phi0), "psi": psi,
+                          **dict(zip(("pos", "neg"), self.sets(sim, pos, psi, rows)))})
+        v_prev = fa
+        for _ in range(c.prop_iter):
+            # proxy: the mean of the positives, re-normalised (the /N keeps the authors' mean; it cancels)
+            v = F.normalize((pos.to(f.dtype) @ f) / N, dim=1)
+            sim = v @ f.T
+            moved = 1.0 - F.cosine_similarity(v_prev, v, dim=1)[:, None]
+            psi = psi + moved / c.sigma_amb                         # further move -> wider ambiguity zone
+            phi = phi - moved / c.sigma_pos                         #             -> looser positive boundary
+            pos = sim > phi
+            v_prev = v
+            if trace is not None:
+                trace.append({"sim": sim, "phi": phi, "psi": psi,
+                              **dict(zip(("pos", "neg"), self.sets(sim, pos, psi, rows)))})
+        return self.sets(sim, pos, psi, rows)
+
+    def anchored(self, z, f, rows, n_groups: int | None = None, chunk_elems: int | None = None):
+        """The loss of given anchors: rows [G, A] global row ids, one line per group (anchors()).
+
+        Every row of z/f is a contrast sample. An anchor's loss is -(tau / TAU_BASE) * mean over its positives
+        of log p, with the ambiguous samples left out of p's denominator; anchors without positives are skipped;
+        group loss = mean over its anchors; the result = sum over these groups / n_groups (default G, the mean).
+        Anchors of several groups are processed together in chunks of about chunk_elems similarity entries
+        (default 2^20 on CPU, where caches favour small blocks, and 2^26 on GPUs, where large products pay), so
+        memory is O(chunk) plus one byte per anchor and sample for the backward pass, whatever the batch.
+        -> (loss scalar, {'positives', 'negatives'}: mean per anchor, as a share of the n_groups groups)."""
+        c = self.cfg
+        N = z.shape[0]
+        G, A = rows.shape
+        assert G > 0 and int(rows.max()) < (N // c.group) * c.group, "anchors must lie in full groups"
+        f = F.normalize(f.detach().float(), dim=-1)
+        z = z.float()
+        rows = rows.to(z.device).reshape(-1)
+        per_chunk = max(1, (chunk_elems or (2 ** 26 if z.is_cuda else 2 ** 20)) // N)
+        anchor_loss = torch.zeros(len(rows), device=z.device)
+        has_pos = torch.zeros(len(rows), dtype=torch.bool, device=z.device)
+        n_pos = torch.zeros(len(rows), device=z.device)
+        n_neg = torch.zeros(len(rows), device=z.device)
+        for s in range(0, len(rows), per_chunk):
+            r = rows[s:s + per_chunk]
+            with torch.no_grad():
+                pos, neg = self.propagate(f, r)
+                n_pos[s:s + len(r)], n_neg[s:s + len(r)] = pos.sum(1), neg.sum(1)
+                valid = pos.any(1)                              # anchors without positives are skipped
+            if not valid.any():
+                continue
+            # ambiguous samples (neither positive nor negative) leave the denominator
+            member = torch.where(pos, 2, neg.to(torch.uint8))[valid]   # positive wins where Phi fell below Psi
+            mean_log_prob = anchor_log_prob(z, r[valid], member, c.tau)
+            idx = torch.arange(s, s + len(r), device=z.device)[valid]
+            anchor_loss = anchor_loss.index_put((idx,), -(c.tau / TAU_BASE) * mean_log_prob)
+            has_pos[idx] = True
+        n_groups = n_groups or G
+        per_group = anchor_loss.view(G, A).sum(1) / has_pos.view(G, A).sum(1).clamp(min=1)
+        stats = {"positives": (n_pos.view(G, A).mean(1).sum() / n_groups).item(),
+                 "negatives": (n_neg.view(G, A).mean(1).sum() / n_groups).item()}
+        loss = per_group.sum() / n_groups
+        if z.requires_grad and not loss.requires_grad:     # no anchor had a positive: a zero that still backprops
+            loss = loss + 0 * z.sum()
+        return loss, stats
 
 
-def ppap_loss(z, f, anchors, *, phi0, psi0, prop_iter, sigma_pos, sigma_amb, tau, group=784,
-              no_ambiguity=False, chunk_elems=None, groups=None, n_groups_total=None):
-    """The PPAP contrastive loss.
-
-    z [N,D] unit rows (with gradient), f [N,D] criterion features (normalised here, no gradient),
-    anchors [G, A] LongTensor of within-group positions for the groups `groups` [G] (default: all int(N /
-    group) full groups, the authors' groups of 784 rows). Every row of z/f is a contrast sample; only rows
-    in full groups are anchors. An anchor's loss is -(tau / TAU_BASE) * mean over its positives of log p,
-    with the ambiguous samples left out of p's denominator; anchors without positives are skipped; group
-    loss = mean over its anchors; the total = sum over the groups given / n_groups_total (default G, i.e. the
-    mean; a process of a distributed job passes its own groups and the job's total). Anchors of several
-    groups are processed together in chunks of about chunk_elems similarity entries (default 2^20 on CPU,
-    where caches favour small blocks, and 2^26 on GPUs, where large products pay), so memory is O(chunk)
-    plus one byte per anchor and sample for the backward pass, whatever the batch.
-    Returns (loss scalar, {'positives', 'negatives'}: mean per anchor).
-    """
-    N = z.shape[0]
-    n_groups, A = anchors.shape
-    groups = torch.arange(n_groups) if groups is None else torch.as_tensor(groups)
-    assert len(groups) == n_groups > 0 and int(groups.max()) < N // group, "anchors must lie in full groups"
-    f = F.normalize(f.detach().float(), dim=-1)
-    z = z.float()
-    rows = (anchors.to(z.device) + groups.to(z.device)[:, None] * group).reshape(-1)
-    per_chunk = max(1, (chunk_elems or (2 ** 26 if z.is_cuda else 2 ** 20)) // N)
-    anchor_loss = torch.zeros(len(rows), device=z.device)
-    has_pos = torch.zeros(len(rows), dtype=torch.bool, device=z.device)
-    n_pos = torch.zeros(len(rows), device=z.device)
-    n_neg = torch.zeros(len(rows), device=z.device)
-    for s in range(0, len(rows), per_chunk):
-        r = rows[s:s + per_chunk]
-        with torch.no_grad():
-            pos, neg, n_pos[s:s + len(r)], n_neg[s:s + len(r)] = propagate(
-                f, r, phi0=phi0, psi0=psi0, prop_iter=prop_iter, sigma_pos=sigma_pos, sigma_amb=sigma_amb,
-                no_ambiguity=no_ambiguity)
-            valid = pos.any(1)                                  # anchors without positives are skipped
-        if not valid.any():
-            continue
-        # ambiguous samples (neither positive nor negative) leave the denominator
-        code = torch.where(pos, 2, neg.to(torch.uint8))[valid]   # positive wins where Phi fell below Psi
-        mean_log_prob = anchor_log_prob(z, r[valid], code, tau)
-        idx = torch.arange(s, s + len(r), device=z.device)[valid]
-        anchor_loss = anchor_loss.index_put((idx,), -(tau / TAU_BASE) * mean_log_prob)
-        has_pos[idx] = True
-    per_group = anchor_loss.view(n_groups, A).sum(1) / has_pos.view(n_groups, A).sum(1).clamp(min=1)
-    stats = {"positives": n_pos.view(n_groups, A).mean(1).mean().item(),
-             "negatives": n_neg.view(n_groups, A).mean(1).mean().item()}
-    loss = per_group.sum() / (n_groups_total or n_groups)
-    if z.requires_grad and not loss.requires_grad:     # no anchor had a positive: a zero that still backprops
-        loss = loss + 0 * z.sum()
-    return loss, stats
+def build_loss(cfg: Config) -> PPAPLoss:
+    """The training objective's contrastive term, built once per run. A fork returns its own loss here."""
+    return PPAPLoss(cfg)
 
 
 class _AnchorLogProb(torch.autograd.Function):
     """mean over P of log p_aj for a block of anchors, -> [a]. Autograd would keep the [a,N] logits (and a
     masked copy) of every block for the backward pass; this keeps one byte per entry (the positive /
-    negative / ambiguous code) and recomputes the logits with one more matrix product."""
+    negative / ambiguous mask) and recomputes the logits with one more matrix product."""
 
     @staticmethod
-    def forward(ctx, z, rows, code, tau):
-        """z [N,D], rows [a] anchor rows, code [a,N] uint8 (2 positive, 1 negative, 0 ambiguous or self)."""
+    def forward(ctx, z, rows, member, tau):
+        """z [N,D], rows [a] anchor rows, member [a,N] uint8 (2 positive, 1 negative, 0 ambiguous or self)."""
         logits = (z[rows] @ z.T).div_(tau)
-        pos = code == 2
+        pos = member == 2
         n_pos = pos.sum(1)
         pos_sum = (logits * pos).sum(1)
-        log_denom = torch.logsumexp(logits.masked_fill_(code == 0, float("-inf")), dim=1)
-        ctx.save_for_backward(z, rows, code, log_denom, n_pos)
+        log_denom = torch.logsumexp(logits.masked_fill_(member == 0, float("-inf")), dim=1)
+        ctx.save_for_backward(z, rows, member, log_denom, n_pos)
         ctx.tau = tau
         return pos_sum / n_pos - log_denom
 
     @staticmethod
     def backward(ctx, grad):
-        z, rows, code, log_denom, n_pos = ctx.saved_tensors
+        z, rows, member, log_denom, n_pos = ctx.saved_tensors
         za = z[rows]
         # d out / d(za @ z.T) = grad * (1[positive] / |P| - softmax over the denominator) / tau
-        g = (za @ z.T).div_(ctx.tau).sub_(log_denom[:, None]).exp_().masked_fill_(code == 0, 0).neg_()
-        g.add_((code == 2) * (1.0 / n_pos)[:, None]).mul_((grad / ctx.tau)[:, None])
+        g = (za @ z.T).div_(ctx.tau).sub_(log_denom[:, None]).exp_().masked_fill_(member == 0, 0).neg_()
+        g.add_((member == 2) * (1.0 / n_pos)[:, None]).mul_((grad / ctx.tau)[:, None])
         dz = g.T @ za
         dz.index_add_(0, rows, g @ z)
         return dz, None, None, None
@@ -720,58 +747,16 @@ class _AnchorLogProb(torch.autograd.Function):
 anchor_log_prob = _AnchorLogProb.apply
 
 
-def _trace_step(trace: list, anchor_rows, sim, pos, phi, psi, no_ambiguity) -> None:
-    """propagate's diagnostics: the sets of one step, as propagate would return them (see its docstring)."""
-    others = torch.ones_like(pos)
-    others[torch.arange(len(anchor_rows), device=pos.device), anchor_rows] = False
-    neg = ~pos if no_ambiguity else sim < psi
-    trace.append({"pos": pos & others, "neg": neg & others, "sim": sim, "phi": phi, "psi": psi})
+def loss_hyper(cfg: Config) -> dict:
+    """The loss's hyper-parameters (the Config fields marked loss=True) and their values, for reports."""
+    return {f.name: getattr(cfg, f.name) for f in fields(Config) if f.metadata.get("loss")}
 
-
-def loss_args(cfg: Config) -> dict:
-    """Config -> the keyword arguments of ppap_loss: the one place the loss reads its hyper-parameters."""
-    return dict(phi0=cfg.phi0, psi0=cfg.psi0, prop_iter=cfg.prop_iter, sigma_pos=cfg.sigma_pos,
-                sigma_amb=cfg.sigma_amb, tau=cfg.tau, group=cfg.group, no_ambiguity=cfg.no_ambiguity)
-
-
-def contrastive_loss(cfg: Config, z: torch.Tensor, f: torch.Tensor, generator: torch.Generator | None = None,
-                     part: tuple[int, int] = (0, 1)):
-    """The training step's contrastive term: z [N,D] (with gradient) and the criterion features f [N,D] of the
-    whole batch (in a job of several processes: every process's rows, gathered). The anchors of all groups
-    are drawn (the same draws in every process); part = (k, n): compute the k-th of n consecutive shares of
-    the groups. -> (this share: sum over its groups / all groups, so the shares add up to the loss; stats).
-
-    A fork swaps the loss here (and in loss_args); the step logs whatever statistics it returns, averaged
-    over the processes as means per group."""
-    anchors = draw_anchors(f.shape[0], cfg.group, cfg.group // cfg.trainpatchsplit, generator)
-    groups = torch.tensor_split(torch.arange(len(anchors)), part[1])[part[0]]
-    return ppap_loss(z, f, anchors[groups], groups=groups, n_groups_total=len(anchors), **loss_args(cfg))
-
-
-# ==== TRAIN STEP, VALIDATION AND LOOP ====
+# ==== TRAIN STEP ====
 # The authors' run.py: three optimisers (head + projection, linear probe, cluster probe), one GradScaler,
 # gradient clipping on head + projection, probes trained on the detached code.
 
 GRAD_SCALER_INIT, GRAD_SCALER_GROWTH = 2048, 1000   # run.py: GradScaler(init_scale=2048, growth_interval=1000)
-
-
-def pick_device(name: str) -> torch.device:
-    """--device -> torch.device: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise PPAPError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise PPAPError(f"--device {name}: this code runs on the CPU and on CUDA GPUs; use cpu or cuda")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PPAPError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise PPAPError(f"--device {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s) "
-                            f"(indices 0 to {torch.cuda.device_count() - 1})")
-    return dev
+CLUSTER_EMA = 0.98        # --cluster-probes: each probe's clustering loss is averaged over the last ~50 steps
 
 
 def amp_dtype(cfg: Config, device) -> torch.dtype | None:
@@ -781,6 +766,11 @@ def amp_dtype(cfg: Config, device) -> torch.dtype | None:
     if not on:
         return None
     return torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+
+
+def autocast(device, dtype: torch.dtype | None):
+    """The context every forward pass runs in: autocast to `dtype` (amp_dtype), or fp32 when it is None."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def make_scaler(cfg: Config, device) -> torch.amp.GradScaler:
@@ -810,9 +800,6 @@ def probe_losses(out: dict, label, n_classes: int):
     return linear_sum, keep.sum(), torch.stack([ClusterProbe.loss(s) for s in out["cluster_scores"]])
 
 
-CLUSTER_EMA = 0.98        # --cluster-probes: each probe's clustering loss is averaged over the last ~50 steps
-
-
 class Diverged(PPAPError):
     """The loss is not a finite number: training cannot continue from here."""
 
@@ -837,57 +824,50 @@ def _has_grad(opt) -> bool:
     return any(p.grad is not None for group in opt.param_groups for p in group["params"])
 
 
-def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch.Generator | None = None) -> dict:
-    """One step: forward, contrastive loss + probe losses, backward, clip, the three optimisers.
+def train_step(model, batch, opts, scaler, cfg: Config, device, criterion, generator: torch.Generator | None = None) -> dict:
+    """One step: forward, contrastive loss (criterion, see build_loss) + probe losses, backward, clip, the three
+    optimisers. `generator` draws the step's randomness (criterion dropout, anchors).
 
-    `batch` is this process's share of the global batch; `generator` draws the step's randomness (criterion
-    dropout, anchors) for the global batch, identically in every process. In a job of several processes
-    each one's objective is its share of the one-process loss times the world size, so that the
-    DistributedDataParallel average of the gradients is the one-process gradient (the gathered z carries
-    the other processes' gradients back, see gather_rows). -> stats of the global batch: the losses, the
-    gradient norm, whatever statistics the contrastive loss reports, and 'skipped' (1 when some gradients
-    were not finite: the optimisers holding them did not step, as GradScaler does per optimiser, and fp16
-    loss scaling halved its scale)."""
-    rank, world = dist_world()
+    Written for one process; under torchrun the helpers of the last support section take part: `batch` is this
+    process's share of the global batch, my_rows() its slice of each global random draw, gather_rows() every
+    process's rows for the loss, all_sum() the global sums. Each term of the objective is this process's share
+    of the one-process loss; backward() runs on the shares times the world size, so that the average that
+    DistributedDataParallel takes is the one-process gradient.
+    -> stats of the global batch: the losses, the gradient norm, whatever statistics the criterion reports, and
+    'skipped' (1 when some gradients were not finite: the optimisers holding them did not step, as GradScaler
+    does per optimiser, and fp16 loss scaling halved its scale)."""
     core = unwrap(model)
     img = batch["img"].to(device, non_blocking=True)
     label = batch["label"].to(device, non_blocking=True)
     for o in opts.values():
         o.zero_grad(set_to_none=True)
     dtype = amp_dtype(cfg, device)
-    B = img.shape[0]
-    keep = crit_dropout_mask(B * world, core.dim, generator)[rank * B:(rank + 1) * B]
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    keep = my_rows(crit_dropout_mask(img.shape[0] * world_size(), core.dim, generator))
+    with autocast(device, dtype):
         out = model(img, crit_keep=keep, probes=True)
         linear_sum, n_labelled, clusters = probe_losses(out, label, core.n_classes)
-    n_labelled = all_sum(n_labelled.float())
-    linear = linear_sum / n_labelled.clamp(min=1)          # this share of the mean over the global batch
-    clusters = clusters / world
-    objective, values, stats = linear + clusters.sum(), [linear.detach(), *clusters.detach()], {}
+    linear = linear_sum / all_sum(n_labelled.float()).clamp(min=1)
+    clusters = clusters / world_size()
+    objective, shares, loss_stats = linear + clusters.sum(), {"linear": linear, "cluster": clusters}, {}
     if cfg.ppap_weight:    # weight 0 is the baseline: no gradient reaches head/projection
         crit = out["crit"]
         f = crit.permute(0, 2, 3, 1).reshape(-1, crit.shape[1]).detach()
-        loss_ppap, stats = contrastive_loss(cfg, gather_rows(out["z"]), gather_rows(f), generator, (rank, world))
-        objective = objective + cfg.ppap_weight * loss_ppap
-        values.append(loss_ppap.detach())
-    # one collective for the logged values: the losses are summed, the statistics averaged per group
-    G = world * out["z"].shape[0] // cfg.group if cfg.ppap_weight else 1
-    mine = len(torch.tensor_split(torch.arange(G), world)[rank]) / G
-    packed = all_sum(torch.stack([*values, *(torch.tensor(float(v), device=device) * mine for v in stats.values())]))
-    linear_v, *rest = packed.tolist()
-    cluster_vs, rest = rest[:len(clusters)], rest[len(clusters):]
+        shares["ppap"], loss_stats = criterion(gather_rows(out["z"]), gather_rows(f), generator,
+                                               (dist_rank(), world_size()))
+        objective = objective + cfg.ppap_weight * shares["ppap"]
+    logged = all_sum_dict({**shares, **loss_stats}, device)          # one collective for everything logged
+    linear_v, cluster_vs = logged.pop("linear"), logged.pop("cluster")
     cluster_v = cluster_vs[0]                            # the authors' probe; extra probes are not their loss
     if len(cluster_vs) > 1:                              # the label-free choice among the probes
         ema = core.cluster_loss_ema
         new = torch.tensor(cluster_vs, device=ema.device)
         ema.copy_(torch.where(torch.isnan(ema), new, CLUSTER_EMA * ema + (1 - CLUSTER_EMA) * new))
-    loss_v = linear_v + cluster_v + (cfg.ppap_weight * rest[0] if cfg.ppap_weight else 0.0)
-    stats = {**({"ppap": rest[0]} if cfg.ppap_weight else {}), **dict(zip(stats, rest[1:]))}
+    loss_v = linear_v + cluster_v + (cfg.ppap_weight * logged["ppap"] if cfg.ppap_weight else 0.0)
     if not math.isfinite(loss_v):
         raise Diverged(f"the loss is {loss_v} (" + ", ".join(f"{k} {v:.4g}" for k, v in
                                                              [("linear", linear_v), ("cluster", cluster_v),
-                                                              *stats.items()]) + ")")
-    scaler.scale(objective * world).backward()
+                                                              *logged.items()]) + ")")
+    scaler.scale(objective * world_size()).backward()
     # Only optimisers whose parameters received a gradient step (with --ppap-weight 0 the head gets none, and
     # GradScaler.step refuses an optimiser it has recorded no inf check for).
     stepping = [o for o in opts.values() if _has_grad(o)]
@@ -909,85 +889,227 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, generator: torch
                 if ok:
                     o.step()
             skipped = not all(finite)
-    return {"loss": loss_v, "linear": linear_v, "cluster": cluster_v, "grad_norm": gnorm, **stats,
+    return {"loss": loss_v, "linear": linear_v, "cluster": cluster_v, "grad_norm": gnorm, **logged,
             "skipped": int(skipped)}
 
+# ==== TRAINING LOOP: setup, steps, validation ====
 
-# ---- several processes (torchrun): the same training as one process at the same global batch
-# torchrun starts one process per GPU (or CPU worker) with RANK, LOCAL_RANK, WORLD_SIZE in the environment.
-# --batch-size stays the global batch; each process takes its slice of every global batch (make_loader) and
-# of every random draw (train_step), the loss sees every process's rows (gather_rows), and the validation
-# sums each process's confusion matrices (evaluate). Rank 0 alone prints, logs and writes checkpoints.
-
-def dist_world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside a job of several processes."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def banner(title: str) -> None:
+    print(f"\n{'=' * 20} {title} {'=' * (60 - len(title))}", flush=True)
 
 
-def setup_distributed(device_name: str, global_batch: int | None = None) -> torch.device:
-    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU) and pick this process's device (GPU
-    LOCAL_RANK); a plain `python ppap.py` just gets its device. Bad setups fail in every process alike, before
-    any process waits for another."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_name)
-    if world <= 1 or torch.distributed.is_initialized():
-        return device
-    local, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if global_batch is not None and global_batch % world:
-        raise PPAPError(f"--batch-size {global_batch} (the global batch) is not divisible by the "
-                        f"{world} processes of this job")
-    if device.type == "cuda":
-        if local_world > torch.cuda.device_count():
-            raise PPAPError(f"this node runs {local_world} processes but torch sees {torch.cuda.device_count()} "
-                            f"GPU(s); use --nproc-per-node {torch.cuda.device_count()} or fewer")
-        if not torch.distributed.is_nccl_available():
-            raise PPAPError("this torch build has no NCCL, which CUDA jobs of several processes need; run on "
-                            "one GPU, or use --device cpu (gloo)")
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
+def validation_due(cfg: Config, step: int, steps_per_epoch: int, total: int) -> bool:
+    """Validate after this step? Every val_every steps and at the end; with --select-on-val the authors'
+    schedule instead (run.py: every val_every steps counted from each epoch start, and at every epoch end)."""
+    if step == total:
+        return True
+    if cfg.select_on_val:
+        in_epoch = (step - 1) % steps_per_epoch + 1
+        return in_epoch == steps_per_epoch or bool(cfg.val_every and in_epoch % cfg.val_every == 0)
+    return bool(cfg.val_every and step % cfg.val_every == 0)
 
 
-def unwrap(model) -> "PPAP":
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def _format_stats(st: dict) -> dict:
+    return {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in st.items()}
 
 
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the processes (the tensor itself in one process)."""
-    if dist_world()[1] > 1:
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-    return t
+def train(cfg: Config, ckpt: dict | None = None) -> dict:
+    """Train PPAP as configured (continuing ``ckpt`` when given); returns the final validation metrics.
+    Everything goes to cfg.run, which this process (rank 0 of a job) holds locked while it trains."""
+    device = setup_distributed(cfg.device, cfg.batch_size)
+    cfg.run = from_rank0(cfg.run or default_run_dir(cfg))     # the processes' clocks may straddle a second
+    continuing = ckpt is not None and os.path.dirname(ckpt["_file"]) == os.path.abspath(cfg.run)
+    with claim_run_dir(cfg.run, continuing) if dist_rank() == 0 else contextlib.nullcontext():
+        barrier()                                               # rank 0 has checked the run directory
+        return train_loop(start_run(cfg, ckpt, device))
 
 
-class _GatherRows(torch.autograd.Function):
-    """[n,D] per process -> [world*n, D], the processes' rows in rank order. Backward: every process's loss
-    depends on every row, so the row gradients are summed over the processes before each takes its own."""
+@dataclass
+class Run:
+    """A training run between two steps: what it trains, where it stands, where it writes."""
+    cfg: Config
+    device: torch.device
+    core: PPAP                              # the model
+    model: nn.Module                        # what the step calls: core, or its DistributedDataParallel wrapper
+    criterion: PPAPLoss
+    opts: dict
+    scaler: torch.amp.GradScaler
+    train_set: torch.utils.data.Dataset
+    full_loader: torch.utils.data.DataLoader       # the whole val set (the end of training)
+    periodic_loader: torch.utils.data.DataLoader   # the fixed subset of the periodic validations
+    log: RunLog | None                      # log.jsonl (rank 0 only)
+    step_gen: torch.Generator               # anchors and criterion dropout, step after step
+    steps_per_epoch: int
+    total: int                              # the step training ends at
+    resumed: bool = False
+    step: int = 0
+    best: dict | None = None                # --select-on-val: {'score', 'step'} of best_on_val.pt
+    skipped: int = 0                        # steps whose non-finite gradients were not applied
+    saved: int | None = None                # the step last.pt holds
+    step_rng: torch.Tensor | None = None    # step_gen's state as the next step starts
 
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist_world()[1])]
-        torch.distributed.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
 
-    @staticmethod
-    def backward(ctx, grad):
-        rank, world = dist_world()
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad)
-        n = grad.shape[0] // world
-        return grad[rank * n:(rank + 1) * n]
+def start_run(cfg: Config, ckpt: dict | None, device: torch.device) -> Run:
+    """Print the configuration, build data, model, loss and optimisers, and restore ``ckpt`` when given."""
+    banner("config")
+    print(f"git {git_commit()} | torch {torch.__version__} | device {device}")
+    for k, v in asdict(cfg).items():
+        print(f"  {k:18s} {v}")
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)          # the model's initialisation (the authors' seed_everything)
+    banner("data")
+    if int(os.environ.get("LOCAL_RANK", "0")):
+        time.sleep(2)       # let local rank 0 build a missing five-crop set (and show its progress); we wait
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    if cfg.val_limit:
+        val_set = subset(val_set, range(min(cfg.val_limit, len(val_set))))
+    print(f"train {len(train_set)} images ({cfg.img_size}px), val {len(val_set)} images ({cfg.val_size}px), "
+          f"{train_set.n_classes} classes")
+    if len(train_set) < cfg.batch_size:
+        raise PPAPError(f"the train set has {len(train_set)} images, fewer than --batch-size {cfg.batch_size}")
+    h = cfg.img_size // cfg.patch
+    if cfg.ppap_weight and cfg.batch_size * h * h < cfg.group * world_size():
+        raise PPAPError(f"a batch of {cfg.batch_size} has {cfg.batch_size * h * h} patches, fewer than one "
+                        f"anchor group ({cfg.group}) per process; raise --batch-size or lower --group")
+
+    banner("model")
+    core = build_model(cfg, train_set.n_classes).to(device)
+    opts = build_optimizers(cfg, core)
+    scaler = make_scaler(cfg, device)
+    step_gen = torch.Generator().manual_seed(cfg.seed)
+    step, best, skipped = 0, None, 0
+    if ckpt is not None:
+        core.load_state_dict(ckpt["model"])
+        for k, o in opts.items():
+            o.load_state_dict(ckpt["optim"][k])
+        if scaler.is_enabled() and ckpt["scaler"]:        # a CPU or bf16 run has no scaler state to restore
+            scaler.load_state_dict(ckpt["scaler"])
+        if "step" not in ckpt.get("rng", {}):
+            raise PPAPError(f"{ckpt['_file']} was written by an older version of ppap.py and cannot be resumed "
+                            f"exactly; evaluate it with eval.py, or start a new run")
+        step_gen.set_state(ckpt["rng"]["step"])
+        step, best, skipped = ckpt["step"], ckpt.get("best"), ckpt.get("skipped_steps", 0)
+        print(f"resumed {cfg.run} at step {step}")
+    n_train = sum(p.numel() for p in core.head_parameters())
+    print(f"{cfg.arch}/{cfg.patch}: {sum(p.numel() for p in core.backbone.parameters()) / 1e6:.1f}M frozen, "
+          f"{n_train / 1e6:.2f}M trained (head + projection)" + (
+              f"; {world_size()} processes, {cfg.batch_size // world_size()} images each per step"
+              if world_size() > 1 else ""))
+
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    val_bs = max(1, min(cfg.batch_size, 8))
+    periodic_set = val_set
+    if cfg.val_subset and cfg.val_subset < len(val_set) and not cfg.select_on_val:
+        periodic_set = subset(val_set, np.linspace(0, len(val_set) - 1, cfg.val_subset).round().astype(int))
+    full_loader = make_loader(cfg, val_set, train=False, batch_size=val_bs, persistent=periodic_set is val_set)
+    periodic_loader = full_loader if periodic_set is val_set else \
+        make_loader(cfg, periodic_set, train=False, batch_size=val_bs, persistent=True)
+    log = RunLog(os.path.join(cfg.run, "log.jsonl"), after=step if ckpt is not None else 0) \
+        if dist_rank() == 0 else None
+    return Run(cfg=cfg, device=device, core=core, model=distributed(core, device, cfg), criterion=build_loss(cfg),
+               opts=opts, scaler=scaler, train_set=train_set, full_loader=full_loader,
+               periodic_loader=periodic_loader, log=log, step_gen=step_gen, steps_per_epoch=steps_per_epoch,
+               total=total, resumed=ckpt is not None, step=step, best=best, skipped=skipped,
+               saved=step if ckpt is not None else None, step_rng=step_gen.get_state())
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every process's rows of x, concatenated in rank order (x itself in one process), with gradient."""
-    return _GatherRows.apply(x) if dist_world()[1] > 1 else x
+def save(run: Run, selection: str = "last") -> None:
+    """Write last.pt (or best_on_val.pt): the weights must be finite, and alike in every process."""
+    bad = [k for k, v in run.core.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise Diverged(f"non-finite weights ({', '.join(bad[:3])})")
+    check_same_weights(run.core, run.step)
+    if dist_rank() == 0:
+        save_checkpoint(run.core, run.opts, run.scaler, run.cfg, run.step, run.train_set, run.best, selection,
+                        rng={"step": run.step_rng}, skipped_steps=run.skipped)
+    if selection == "last":
+        run.saved = run.step
 
 
-# ---- validation metrics (the authors' utils/seg_utils.py UnsupervisedMetrics)
+def validate(run: Run) -> dict:
+    """The full val set at the end (and under --select-on-val, the authors' schedule); the fixed subset in
+    between, which only draws the curve. -> the log record."""
+    cfg = run.cfg
+    loader = run.full_loader if run.step == run.total else run.periodic_loader
+    metrics = evaluate(run.core, loader, run.device, amp=amp_dtype(cfg, run.device), progress=cfg.progress)
+    record = {"step": run.step, **{k: v for k, v in metrics.items() if isinstance(v, float)},
+              "val_images": metrics["n_images"], "skipped_steps": run.skipped}
+    if run.scaler.is_enabled():
+        record["loss_scale"] = run.scaler.get_scale()
+    if run.log is not None:
+        run.log.append(record)
+    print(f"[val step {run.step}, {metrics['n_images']} images] " + "  ".join(
+        f"{k} {v:.2f}" for k, v in record.items() if k.endswith(("_mIoU", "_Acc"))), flush=True)
+    if cfg.select_on_val:
+        score = sum(record.get(k, 0) for k in ("cluster_mIoU", "cluster_Acc", "linear_mIoU", "linear_Acc"))
+        if run.best is None or score >= run.best["score"]:
+            run.best = {"score": score, "step": run.step}
+            save(run, "best-on-val")
+            save(run)                                    # last.pt records the new best too
+    run.model.train()
+    return record
+
+
+def train_loop(run: Run) -> dict:
+    """Step until run.total, validating on schedule; -> the final validation metrics."""
+    cfg = run.cfg
+    banner("train")
+    run.model.train()
+    metrics = None
+    if run.resumed:
+        metrics = from_rank0(run.log.record(run.step) if run.log is not None else None)
+        if metrics is None and run.step and validation_due(cfg, run.step, run.steps_per_epoch, run.total):
+            metrics = validate(run)                      # the interrupted run saved, then failed to validate
+    bar = tqdm(total=run.total, initial=run.step, dynamic_ncols=True, desc="train", disable=not cfg.progress)
+    try:
+        while run.step < run.total:
+            epoch, skip = divmod(run.step, run.steps_per_epoch)
+            for batch in make_loader(cfg, run.train_set, train=True, epoch=epoch, skip=skip):
+                t0 = time.time()
+                st = train_step(run.model, batch, run.opts, run.scaler, cfg, run.device, run.criterion, run.step_gen)
+                run.step, run.skipped, run.step_rng = run.step + 1, run.skipped + st.pop("skipped"), \
+                    run.step_gen.get_state()
+                bar.update(1)
+                extra = {"skipped": run.skipped} if run.skipped else {}
+                if run.scaler.is_enabled():
+                    extra["scale"] = f"{run.scaler.get_scale():g}"
+                bar.set_postfix(_format_stats(st), **extra, ips=f"{cfg.batch_size / (time.time() - t0):.1f}")
+                if validation_due(cfg, run.step, run.steps_per_epoch, run.total):
+                    bar.clear()
+                    save(run)                            # first: a failing validation must not lose the steps
+                    metrics = validate(run)
+                if run.step == run.total:
+                    break
+    except KeyboardInterrupt:
+        bar.close()
+        if run.step and run.saved != run.step:
+            save(run)
+        raise KeyboardInterrupt(f"interrupted at step {run.step}: {os.path.join(cfg.run, 'last.pt')} holds step "
+                                f"{run.saved}; continue with: python ppap.py --resume {shlex.quote(cfg.run)}"
+                                if run.saved is not None else f"interrupted at step {run.step}: nothing was saved")
+    except Diverged as e:
+        bar.close()
+        kept = f"{os.path.join(cfg.run, 'last.pt')} keeps step {run.saved}" if run.saved else "nothing was saved"
+        raise Diverged(f"training diverged at step {run.step + 1}: {e}; stopped ({kept})") from None
+    bar.close()
+    if metrics is None:            # resumed a finished run whose last validation is not in the log
+        metrics = validate(run)
+    banner("result")
+    selection = "last checkpoint" + (f" (best-on-val kept separately at step {run.best['step']})" if run.best else "")
+    print(f"{selection}: unsupervised mIoU {metrics['cluster_mIoU']:.2f}  Acc {metrics['cluster_Acc']:.2f} | "
+          f"linear mIoU {metrics['linear_mIoU']:.2f}  Acc {metrics['linear_Acc']:.2f}")
+    if run.skipped:
+        print(f"{run.skipped} step(s) were skipped for non-finite gradients")
+    print(f"run: {cfg.run}  (evaluate with: python eval.py --run {shlex.quote(cfg.run)})")
+    return metrics
+
+# ==== THE EVALUATION PROTOCOL: metrics and evaluate ====
+# The authors' utils/seg_utils.py UnsupervisedMetrics and run.py's evaluation.
 # confusion[c, k] counts val pixels of ground-truth class c predicted as k (cluster id or linear class);
 # C rows, K >= C columns; labels outside [0, C) and predictions outside [0, K) are not counted; one matrix
 # over the whole val set. The cluster probe is scored after the Hungarian matching of clusters to classes
@@ -1134,23 +1256,20 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
     chosen = None                        # --cluster-probes: the one with the lowest clustering loss
     if hasattr(model, "extra_cluster_probes"):
         chosen = model.cluster_probes()[int(torch.nan_to_num(model.cluster_loss_ema, float("inf")).argmin())]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
             img, label = _unpack_batch(batch)
             img = img.to(device, non_blocking=True)
             label = label.to(device, non_blocking=True).long()
             # as the authors: featurizer and probes under autocast, the upsampling outside it
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with autocast(device, amp):
                 code = model(img)["code"]
             code = F.interpolate(code, size=label.shape[-2:], mode="bilinear", align_corners=False)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with autocast(device, amp):
                 linear_logits = model.linear_probe(code)
                 inner = model.cluster_probe.inner(code)
-            preds = {"cluster": inner.argmax(1), "linear": linear_logits.argmax(1)}
-            if chosen is not None:
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                preds = {"cluster": inner.argmax(1), "linear": linear_logits.argmax(1)}
+                if chosen is not None:
                     preds["cluster_sel"] = chosen.inner(code).argmax(1)
             if refine is not None:
                 preds.update(refine(img, linear_logits, inner, code))
@@ -1164,12 +1283,8 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
                     examples.append({"image": rgb[i].numpy(), "label": label[i].cpu().numpy(),
                                      **{k: p[i].cpu().numpy() for k, p in preds.items()}})
             n_images += img.shape[0]
-    finally:
-        model.train(was_training)
-    if dist_world()[1] > 1:                     # each process saw its share of the images: add the counts up
-        names = [None] * dist_world()[1]
-        torch.distributed.all_gather_object(names, sorted(confs))
-        for k in sorted(set().union(*names)):
+    if world_size() > 1:                        # each process saw its share of the images: add the counts up
+        for k in all_names(confs):
             confs[k] = all_sum(confs[k] if k in confs else new_confusion(k))
         confs = {k: confs[k] for k in sorted(confs, key=lambda k: (k not in ("cluster", "linear"), k))}
         n_images = int(all_sum(torch.tensor(n_images, device=device)))
@@ -1189,218 +1304,117 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
     return out
 
 
-def banner(title: str) -> None:
-    print(f"\n{'=' * 20} {title} {'=' * (60 - len(title))}", flush=True)
 
 
-def validation_due(cfg: Config, step: int, steps_per_epoch: int, total: int) -> bool:
-    """Validate after this step? Every val_every steps and at the end; with --select-on-val the authors'
-    schedule instead (run.py: every val_every steps counted from each epoch start, and at every epoch end)."""
-    if step == total:
-        return True
-    if cfg.select_on_val:
-        in_epoch = (step - 1) % steps_per_epoch + 1
-        return in_epoch == steps_per_epoch or bool(cfg.val_every and in_epoch % cfg.val_every == 0)
-    return bool(cfg.val_every and step % cfg.val_every == 0)
-
-
-def _format_stats(st: dict) -> dict:
-    return {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in st.items()}
-
-
-def train(cfg: Config, ckpt: dict | None = None) -> dict:
-    """Train PPAP as configured (continuing ``ckpt`` when given); returns the final validation metrics.
-    Everything goes to cfg.run, which this process (rank 0 of a job) holds locked while it trains."""
-    device = setup_distributed(cfg.device, cfg.batch_size)
-    rank, world = dist_world()
-    if not cfg.run:
-        backbone = cfg.arch if cfg.arch in DINOV2_PRESET_FROM else f"{cfg.arch}{cfg.patch}"   # dinov2_vits14: has it
-        cfg.run = os.path.join("runs", f"{cfg.data}_{backbone}_{time.strftime('%Y%m%d-%H%M%S')}")
-    if world > 1:                                        # the processes' clocks may straddle a second
-        name = [cfg.run]
-        torch.distributed.broadcast_object_list(name, src=0)
-        cfg.run = name[0]
-    continuing = ckpt is not None and os.path.dirname(ckpt["_file"]) == os.path.abspath(cfg.run)
-    with claim_run_dir(cfg.run, continuing) if rank == 0 else contextlib.nullcontext():
-        if world > 1:
-            torch.distributed.barrier()                  # rank 0 has checked the run directory
-        return _train(cfg, ckpt, device)
-
-
-def _train(cfg: Config, ckpt: dict | None, device: torch.device) -> dict:
-    banner("config")
-    print(f"git {git_commit()} | torch {torch.__version__} | device {device}")
-    for k, v in asdict(cfg).items():
-        print(f"  {k:18s} {v}")
-
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)          # the model's initialisation (the authors' seed_everything)
-    banner("data")
-    rank, world = dist_world()
-    if int(os.environ.get("LOCAL_RANK", "0")):
-        time.sleep(2)       # let local rank 0 build a missing five-crop set (and show its progress); we wait
-    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    if cfg.val_limit:
-        val_set = subset(val_set, range(min(cfg.val_limit, len(val_set))))
-    print(f"train {len(train_set)} images ({cfg.img_size}px), val {len(val_set)} images ({cfg.val_size}px), "
-          f"{train_set.n_classes} classes")
-    if len(train_set) < cfg.batch_size:
-        raise PPAPError(f"the train set has {len(train_set)} images, fewer than --batch-size {cfg.batch_size}")
-    h = cfg.img_size // cfg.patch
-    if cfg.ppap_weight and cfg.batch_size * h * h < cfg.group * world:
-        raise PPAPError(f"a batch of {cfg.batch_size} has {cfg.batch_size * h * h} patches, fewer than one "
-                        f"anchor group ({cfg.group}) per process; raise --batch-size or lower --group")
-
-    banner("model")
-    core = build_model(cfg, train_set.n_classes).to(device)
-    opts = build_optimizers(cfg, core)
-    model = core
-    if world > 1:           # the trained modules' gradients are averaged; the frozen backbone has none
-        model = nn.parallel.DistributedDataParallel(core, device_ids=[device] if device.type == "cuda" else None,
-                                                    find_unused_parameters=not cfg.ppap_weight)
-    scaler = make_scaler(cfg, device)
-    step_gen = torch.Generator().manual_seed(cfg.seed)   # anchors and criterion dropout, step after step
-    step, best, n_skipped = 0, None, 0
-    if ckpt is not None:
-        core.load_state_dict(ckpt["model"])
-        for k, o in opts.items():
-            o.load_state_dict(ckpt["optim"][k])
-        if scaler.is_enabled() and ckpt["scaler"]:        # a CPU or bf16 run has no scaler state to restore
-            scaler.load_state_dict(ckpt["scaler"])
-        if "step" not in ckpt.get("rng", {}):
-            raise PPAPError(f"{ckpt['_file']} was written by an older version of ppap.py and cannot be resumed "
-                            f"exactly; evaluate it with eval.py, or start a new run")
-        step_gen.set_state(ckpt["rng"]["step"])
-        step, best, n_skipped = ckpt["step"], ckpt.get("best"), ckpt.get("skipped_steps", 0)
-        print(f"resumed {cfg.run} at step {step}")
-    n_train = sum(p.numel() for p in core.head_parameters())
-    print(f"{cfg.arch}/{cfg.patch}: {sum(p.numel() for p in core.backbone.parameters()) / 1e6:.1f}M frozen, "
-          f"{n_train / 1e6:.2f}M trained (head + projection)" + (f"; {world} processes, {cfg.batch_size // world} "
-                                                                  f"images each per step" if world > 1 else ""))
-
-    steps_per_epoch = len(train_set) // cfg.batch_size
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    val_bs = max(1, min(cfg.batch_size, 8))
-    periodic_set = val_set
-    if cfg.val_subset and cfg.val_subset < len(val_set) and not cfg.select_on_val:
-        periodic_set = subset(val_set, np.linspace(0, len(val_set) - 1, cfg.val_subset).round().astype(int))
-    full_loader = make_loader(cfg, val_set, train=False, batch_size=val_bs, persistent=periodic_set is val_set)
-    periodic_loader = full_loader if periodic_set is val_set else \
-        make_loader(cfg, periodic_set, train=False, batch_size=val_bs, persistent=True)
-    log = RunLog(os.path.join(cfg.run, "log.jsonl"), after=step if ckpt is not None else 0) if rank == 0 else None
-    saved = step if ckpt is not None else None            # the step last.pt holds
-    step_rng = step_gen.get_state()                        # the generator as the next step starts
-
-    def save(selection="last"):
-        nonlocal saved
-        bad = [k for k, v in core.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise Diverged(f"non-finite weights ({', '.join(bad[:3])})")
-        if world > 1:       # every process must hold the same trained weights; say so if they drifted apart
-            sums = torch.stack([p.detach().double().sum() for p in core.parameters() if p.requires_grad])
-            low, high = sums.clone(), sums.clone()
-            torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-            torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-            if not torch.equal(low, high):
-                raise PPAPError(f"the {world} processes hold different weights at step {step}")
-        if rank == 0:
-            save_checkpoint(core, opts, scaler, cfg, step, train_set, best, selection,
-                            rng={"step": step_rng}, skipped_steps=n_skipped)
-        if selection == "last":
-            saved = step
-
-    def run_validation():
-        """The full val set at the end (and under --select-on-val, the authors' schedule); the fixed subset
-        in between, which only draws the curve."""
-        nonlocal best
-        loader = full_loader if step == total else periodic_loader
-        metrics = evaluate(core, loader, device, amp=amp_dtype(cfg, device), progress=cfg.progress)
-        record = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, float)},
-                  "val_images": metrics["n_images"], "skipped_steps": n_skipped}
-        if scaler.is_enabled():
-            record["loss_scale"] = scaler.get_scale()
-        if log is not None:
-            log.append(record)
-        print(f"[val step {step}, {metrics['n_images']} images] " + "  ".join(
-            f"{k} {v:.2f}" for k, v in record.items() if k.endswith(("_mIoU", "_Acc"))), flush=True)
-        if cfg.select_on_val:
-            score = sum(record.get(k, 0) for k in ("cluster_mIoU", "cluster_Acc", "linear_mIoU", "linear_Acc"))
-            if best is None or score >= best["score"]:
-                best = {"score": score, "step": step}
-                save("best-on-val")
-                save()                                   # last.pt records the new best too
-        model.train()
-        return record
-
-    banner("train")
-    model.train()
-    metrics = log.record(step) if ckpt is not None and log is not None else None
-    if world > 1 and ckpt is not None:                  # rank 0 read the log: all processes decide alike
-        shared = [metrics]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        metrics = shared[0]
-    if ckpt is not None and metrics is None and step and validation_due(cfg, step, steps_per_epoch, total):
-        metrics = run_validation()                       # the interrupted run saved, then failed to validate
-    bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc="train", disable=not cfg.progress)
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """model.eval() for the block, then the train/eval mode it had."""
+    was_training = model.training
+    model.eval()
     try:
-        while step < total:
-            epoch, skip = divmod(step, steps_per_epoch)
-            for batch in make_loader(cfg, train_set, train=True, epoch=epoch, skip=skip):
-                t0 = time.time()
-                st = train_step(model, batch, opts, scaler, cfg, device, step_gen)
-                step, n_skipped, step_rng = step + 1, n_skipped + st.pop("skipped"), step_gen.get_state()
-                bar.update(1)
-                extra = {"skipped": n_skipped} if n_skipped else {}
-                if scaler.is_enabled():
-                    extra["scale"] = f"{scaler.get_scale():g}"
-                bar.set_postfix(_format_stats(st), **extra, ips=f"{cfg.batch_size / (time.time() - t0):.1f}")
-                if validation_due(cfg, step, steps_per_epoch, total):
-                    bar.clear()
-                    save()                               # first: a failing validation must not lose the steps
-                    metrics = run_validation()
-                if step == total:
-                    break
-    except KeyboardInterrupt:
-        bar.close()
-        if step and saved != step:
-            save()
-        raise KeyboardInterrupt(f"interrupted at step {step}: {os.path.join(cfg.run, 'last.pt')} holds step "
-                                f"{saved}; continue with: python ppap.py --resume {shlex.quote(cfg.run)}"
-                                if saved is not None else f"interrupted at step {step}: nothing was saved")
-    except Diverged as e:
-        bar.close()
-        kept = f"{os.path.join(cfg.run, 'last.pt')} keeps step {saved}" if saved else "nothing was saved"
-        raise Diverged(f"training diverged at step {step + 1}: {e}; stopped ({kept})") from None
-    bar.close()
-    if metrics is None:            # resumed a finished run whose last validation is not in the log
-        metrics = run_validation()
-    banner("result")
-    selection = "last checkpoint" + (f" (best-on-val kept separately at step {best['step']})" if best else "")
-    print(f"{selection}: unsupervised mIoU {metrics['cluster_mIoU']:.2f}  Acc {metrics['cluster_Acc']:.2f} | "
-          f"linear mIoU {metrics['linear_mIoU']:.2f}  Acc {metrics['linear_Acc']:.2f}")
-    if n_skipped:
-        print(f"{n_skipped} step(s) were skipped for non-finite gradients")
-    print(f"run: {cfg.run}  (evaluate with: python eval.py --run {shlex.quote(cfg.run)})")
-    return metrics
+        yield model
+    finally:
+        model.train(was_training)
+
+# =================================================================================================== MACHINERY
+# ==== SUPPORT: DINOv2's ViT (dinov2/models/vision_transformer.py) on the blocks above ====
+
+class LayerScale(nn.Module):
+    """DINOv2's learned per-channel scale of each residual branch (dinov2/layers/layer_scale.py): x * gamma."""
+
+    def __init__(self, dim: int, init: float = 1.0):       # DINOv2's hub models use init_values=1.0
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
 
 
-# ==== SUPPORT: backbone weights ====
+class DinoV2ViT(VisionTransformer):
+    """DINOv2's ViT (dinov2/models/vision_transformer.py, DinoVisionTransformer, as dinov2/hub/backbones.py
+    builds it: 518 px, i.e. a 37x37 positional grid at patch 14, LayerScale, no block chunks) on the blocks
+    above. Tokens are CLS, the registers (reg models: 4 learned tokens without a position), then the
+    patches. mask_token is only used by DINOv2's masked training; it is kept so the released state dicts
+    load with strict=True. Key names and their order are those of DinoVisionTransformer.state_dict()."""
+
+    def __init__(self, embed_dim: int, depth: int, num_heads: int, n_registers: int = 0,
+                 interp_offset: float = 0.1, interp_antialias: bool = False, patch_size: int = 14,
+                 img_size: int = 518):
+        super().__init__(patch_size, embed_dim, depth, num_heads, img_size=img_size, layerscale=True)
+        self.n_registers, self.n_prefix = n_registers, 1 + n_registers
+        self.interp_offset, self.interp_antialias = interp_offset, interp_antialias
+        # drawn as the CLS token is (the released weights replace both; DINOv2's own init is N(0, 1e-6))
+        self.register_tokens = nn.Parameter(trunc_normal_(torch.zeros(1, n_registers, embed_dim))) \
+            if n_registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
+    def prepare_tokens(self, x):
+        """[B,3,H,W] -> [B,1+R+h*w,D]: CLS and patches with their positions, then the R registers inserted
+        after CLS (DinoVisionTransformer.prepare_tokens_with_masks)."""
+        t = super().prepare_tokens(x)
+        if self.register_tokens is None:
+            return t
+        return torch.cat((t[:, :1], self.register_tokens.expand(t.shape[0], -1, -1).to(t.dtype), t[:, 1:]), dim=1)
+
+
+# dinov2/hub/backbones.py: the plain models keep DINO's resize (offset 0.1, no antialias); the register
+# models (4 registers) resize to the exact size with antialiasing. name -> (width, depth, heads, registers)
+DINOV2_SHAPES = {"dinov2_vits14": (384, 12, 6, 0), "dinov2_vitb14": (768, 12, 12, 0),
+                 "dinov2_vits14_reg": (384, 12, 6, 4), "dinov2_vitb14_reg": (768, 12, 12, 4)}
+
+
+def dinov2(name: str, patch_size: int = 14) -> DinoV2ViT:
+    if patch_size != 14:
+        raise PPAPError(f"{name} has patch size 14, not {patch_size}")
+    dim, depth, heads, registers = DINOV2_SHAPES[name]
+    return DinoV2ViT(dim, depth, heads, n_registers=registers, interp_offset=0.0 if registers else 0.1,
+                     interp_antialias=bool(registers))
+
+
+
+# ==== SUPPORT: the backbone registry and its weights ====
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """--arch NAME: how the backbone is built, its patch sizes, its released weights, the presets it borrows."""
+    build: Callable[[int], nn.Module]       # patch size -> the backbone (random init; weights are loaded after)
+    patches: tuple[int, ...]                # the --patch values it exists for (the first is its own)
+    weights: dict = field(default_factory=dict)   # patch -> URL of the released weights ({}: none, random init)
+    presets: str = ""                       # borrow the PRESETS rows of this arch at patch 8 ('' = its own)
+    about: str = ""                         # what --help says of it
+
 
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
-DINO_FILES = {("vit_small", 16): "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-              ("vit_small", 8): "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
-              ("vit_base", 16): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
-              ("vit_base", 8): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"}
-# DINOv2's released backbones (dinov2/hub/backbones.py: <base>/<model>/<model>[_reg4]_pretrain.pth);
-# `bash download.sh weights` puts them under their basenames in the torch hub cache, as for DINO.
+# DINOv2's released backbones (dinov2/hub/backbones.py: <base>/<model>/<model>[_reg4]_pretrain.pth)
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/"
-DINOV2_FILES = {("dinov2_vits14", 14): "dinov2_vits14/dinov2_vits14_pretrain.pth",
-                ("dinov2_vitb14", 14): "dinov2_vitb14/dinov2_vitb14_pretrain.pth",
-                ("dinov2_vits14_reg", 14): "dinov2_vits14/dinov2_vits14_reg4_pretrain.pth",
-                ("dinov2_vitb14_reg", 14): "dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"}
+
+
+def _dinov2_spec(name: str, width: str, file: str) -> BackboneSpec:
+    return BackboneSpec(functools.partial(dinov2, name), (14,), {14: DINOV2_URL + file}, presets=width,
+                        about="DINOv2" + (", 4 registers" if "reg" in name else ""))
+
+
+# `bash download.sh weights` fetches every released file below into the torch hub cache, under its basename.
+BACKBONES = {
+    "vit_small": BackboneSpec(vit_small, (8, 16), {16: DINO_URL + "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+                                                   8: DINO_URL + "dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth"},
+                              about="DINO ViT-S"),
+    "vit_base": BackboneSpec(vit_base, (8, 16), {16: DINO_URL + "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+                                                 8: DINO_URL + "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"},
+                             about="DINO ViT-B"),
+    "dinov2_vits14": _dinov2_spec("dinov2_vits14", "vit_small", "dinov2_vits14/dinov2_vits14_pretrain.pth"),
+    "dinov2_vitb14": _dinov2_spec("dinov2_vitb14", "vit_base", "dinov2_vitb14/dinov2_vitb14_pretrain.pth"),
+    "dinov2_vits14_reg": _dinov2_spec("dinov2_vits14_reg", "vit_small", "dinov2_vits14/dinov2_vits14_reg4_pretrain.pth"),
+    "dinov2_vitb14_reg": _dinov2_spec("dinov2_vitb14_reg", "vit_base", "dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"),
+    "vit_tiny_demo": BackboneSpec(vit_tiny_demo, (8, 16), about="random init, the offline demo's"),
+}
+
+
+def new_backbone(arch: str, patch: int) -> nn.Module:
+    """BACKBONES[arch] at `patch`, randomly initialised."""
+    if arch not in BACKBONES:
+        raise PPAPError(f"unknown --arch {arch!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[arch].build(patch)
 
 
 def dino_state_dict(obj) -> dict:
@@ -1453,15 +1467,15 @@ def load_backbone_weights(vit: VisionTransformer, path: str) -> None:
     vit.load_state_dict(sd, strict=True)
 
 
-def build_backbone(cfg: Config) -> VisionTransformer:
-    """The frozen backbone for cfg.arch/cfg.patch, with weights from --weights or the torch hub cache."""
-    vit = ARCHS[cfg.arch](cfg.patch)
-    if cfg.arch == "vit_tiny_demo" and not cfg.weights:
-        return vit
+def build_backbone(cfg: Config) -> nn.Module:
+    """The frozen backbone for cfg.arch/cfg.patch, with weights from --weights, else the released ones (via the
+    torch hub cache), else none (an arch without released weights keeps its random init)."""
+    backbone = new_backbone(cfg.arch, cfg.patch)
+    url = BACKBONES[cfg.arch].weights.get(cfg.patch)
     path = cfg.weights
+    if not path and url is None:
+        return backbone
     if not path:
-        key = (cfg.arch, cfg.patch)
-        url = DINOV2_URL + DINOV2_FILES[key] if key in DINOV2_FILES else DINO_URL + DINO_FILES[key]
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
         if not os.path.exists(path):
             try:
@@ -1470,11 +1484,11 @@ def build_backbone(cfg: Config) -> VisionTransformer:
             except Exception as e:
                 raise PPAPError(f"cannot fetch backbone weights {url} ({type(e).__name__}); run: "
                                 f"bash download.sh weights, or pass --weights FILE") from None
-    load_backbone_weights(vit, path)
-    return vit
+    load_backbone_weights(backbone, path)
+    return backbone
 
 
-# ==== SUPPORT: datasets ====
+# ==== SUPPORT: datasets, their registry and the five-crop set ====
 
 # ---- the offline demo's synthetic dataset
 # A deterministic procedural dataset for the offline demo and the tests. Each image is a random Voronoi
@@ -1610,8 +1624,8 @@ _POTSDAM_LUT = _lut(POTSDAM3_FINE_TO_COARSE)
 
 
 def _missing(path, dataset, data_dir, hint=""):
-    cmd = f"bash download.sh {dataset} {data_dir}"
-    return PPAPError(f"missing {path} — run: {cmd}{hint}")
+    target = DATASETS[dataset].download if dataset in DATASETS else ""
+    return PPAPError(f"missing {path}" + (f" — run: bash download.sh {target} {data_dir}{hint}" if target else hint))
 
 
 def _require(paths, dataset, data_dir, hint=""):
@@ -1713,11 +1727,11 @@ def open_label(path) -> np.ndarray:
     return lab.astype(np.int64)
 
 
-def _load_coco(img_path, lab_path):
+def read_cocostuff(img_path, lab_path):
     return open_rgb(img_path), _apply_lut(_COCO_LUT, open_label(lab_path))   # fine 0..181, 255 unlabelled
 
 
-def _load_cityscapes(img_path, lab_path):
+def read_cityscapes(img_path, lab_path):
     return open_rgb(img_path), _apply_lut(_CITYSCAPES_LUT, open_label(lab_path))   # labelIds 0..33
 
 
@@ -1734,7 +1748,7 @@ def _potsdam_image(arr):
     return Image.fromarray(np.ascontiguousarray(arr))          # mode RGB
 
 
-def _load_potsdam(img_path, lab_path):
+def read_potsdam(img_path, lab_path):
     with _reading(img_path):
         img = _potsdam_image(loadmat(img_path)["img"])
     with _reading(lab_path):
@@ -1743,25 +1757,22 @@ def _load_potsdam(img_path, lab_path):
     return img, _apply_lut(_POTSDAM_LUT, lab)                  # fine 0..5, 255 ignore
 
 
-def _load_imagenet_s(img_path, lab_path):
+def read_imagenet_s(img_path, lab_path):
     with _reading(lab_path):
         rgb = np.asarray(Image.open(lab_path).convert("RGB")).astype(np.int64)
     lab = rgb[..., 0] + 256 * rgb[..., 1]                     # class id = R + 256*G
     return open_rgb(img_path), np.where(lab == IMAGENET_S_IGNORE, -1, lab)
 
 
-def _load_five_crop(img_path, lab_path):
+def read_five_crop(img_path, lab_path):
     return open_rgb(img_path), open_label(lab_path) - 1       # stored as label + 1
 
 
-_RAW_LOADERS = {"cocostuff": _load_coco, "cityscapes": _load_cityscapes, "potsdam": _load_potsdam,
-                "imagenet-s": _load_imagenet_s, "five_crop": _load_five_crop}
-
-
-def load_pair(kind, img_path, lab_path):
-    """One (image, label) pair at its stored resolution -> (PIL RGB, int64 label, -1 = ignore); a label
-    of another size than its image is an error (resizing it would silently move every boundary)."""
-    img, lab = _RAW_LOADERS[kind](img_path, lab_path)
+def load_pair(read, img_path, lab_path):
+    """One (image, label) pair through its dataset's reader, at its stored resolution -> (PIL RGB, int64
+    label, -1 = ignore); a label of another size than its image is an error (resizing it would silently move
+    every boundary)."""
+    img, lab = read(img_path, lab_path)
     if lab.shape != (img.height, img.width):
         raise PPAPError(f"label {lab_path} is {lab.shape[1]}x{lab.shape[0]} but image {img_path} "
                         f"is {img.width}x{img.height}")
@@ -1769,12 +1780,12 @@ def load_pair(kind, img_path, lab_path):
 
 
 class RealSegDataset(torch.utils.data.Dataset):
-    """Pairs (image, label) from one of the real benchmarks, resized (shorter side, NEAREST) and
-    centre-cropped to `size`.  `kind` selects the raw loader; five-crop sets use kind 'five_crop'."""
+    """Pairs (image, label) of files read by `read` (the dataset's reader; five-crop sets: read_five_crop),
+    resized (shorter side, NEAREST) and centre-cropped to `size`."""
 
-    def __init__(self, name, kind, pairs, size, n_classes, class_names, data_dir="data"):
-        self.name, self.kind, self.pairs, self.size = name, kind, list(pairs), int(size)
-        self.n_classes, self.class_names, self.data_dir = int(n_classes), list(class_names), data_dir
+    def __init__(self, name, read, pairs, size, class_names, data_dir="data"):
+        self.name, self.read, self.pairs, self.size = name, read, list(pairs), int(size)
+        self.n_classes, self.class_names, self.data_dir = len(class_names), list(class_names), data_dir
 
     def __len__(self):
         return len(self.pairs)
@@ -1782,9 +1793,9 @@ class RealSegDataset(torch.utils.data.Dataset):
     def load_raw(self, i):
         """-> (PIL RGB image, int64 label array with -1 = ignore), at the stored resolution."""
         try:
-            return load_pair(self.kind, *self.pairs[i])
+            return load_pair(self.read, *self.pairs[i])
         except FileNotFoundError as e:
-            if self.kind == "five_crop":
+            if self.read is read_five_crop:
                 crops = os.path.dirname(os.path.dirname(os.path.dirname(self.pairs[i][0])))
                 raise PPAPError(f"missing {e.filename} — delete {crops} to rebuild the five-crop set") from None
             raise _missing(e.filename, self.name, self.data_dir) from None
@@ -1800,13 +1811,13 @@ class RealSegDataset(torch.utils.data.Dataset):
 
 def _five_crop_one(task):
     """Worker: crop source pair i into 5 (image, label+1) files; skips files already present."""
-    kind, i, img_path, lab_path, out, quality = task
+    read, i, img_path, lab_path, out, quality = task
     names = [(os.path.join(out, "img", "train", f"{5 * i + k}.jpg"),
               os.path.join(out, "label", "train", f"{5 * i + k}.png")) for k in range(5)]
     if all(os.path.exists(p) for pair in names for p in pair):
         return i
     try:
-        img, lab = load_pair(kind, img_path, lab_path)
+        img, lab = load_pair(read, img_path, lab_path)
     except FileNotFoundError as e:
         raise PPAPError(f"missing {e.filename}") from None
     # Pillow's defaults (quality 75, 4:2:0 chroma) are what the authors' and STEGO's crop scripts wrote
@@ -1845,7 +1856,7 @@ def _read_json(path):
         return None
 
 
-def build_five_crop(name, kind, pairs, data_dir, workers=0, progress=True, quality=0):
+def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quality=0):
     """Build (once) the five-crop training set of `pairs` and return its directory.
 
     Crop 5i+k of source pair i is box k of five_crop_boxes (tl, tr, bl, br, centre; half height x
@@ -1884,7 +1895,7 @@ def build_five_crop(name, kind, pairs, data_dir, workers=0, progress=True, quali
                 if ".tmp" in e.name:
                     os.remove(e.path)
         atomic_write(os.path.join(tmp, "sources.json"), lambda p: write_json(p, manifest))
-        tasks = [(kind, i, a, b, tmp, quality) for i, (a, b) in enumerate(pairs)]
+        tasks = [(read, i, a, b, tmp, quality) for i, (a, b) in enumerate(pairs)]
         workers = int(workers) if workers and workers > 0 else (os.cpu_count() or 1)
         workers = max(1, min(workers, len(tasks)))
         bar = tqdm(total=len(tasks), desc=f"five-crop {name} -> {out}", unit="img", disable=not progress)
@@ -1917,12 +1928,11 @@ def build_five_crop(name, kind, pairs, data_dir, workers=0, progress=True, quali
     return out
 
 
-def five_crop_dataset(name, kind, pairs, data_dir, size, n_classes, class_names, workers=0,
-                      progress=True, quality=0):
-    out = build_five_crop(name, kind, pairs, data_dir, workers=workers, progress=progress, quality=quality)
+def five_crop_dataset(name, read, pairs, data_dir, size, class_names, workers=0, progress=True, quality=0):
+    out = build_five_crop(name, read, pairs, data_dir, workers=workers, progress=progress, quality=quality)
     crops = [(os.path.join(out, "img", "train", f"{j}.jpg"),
               os.path.join(out, "label", "train", f"{j}.png")) for j in range(5 * len(pairs))]
-    return RealSegDataset(name, "five_crop", crops, size, n_classes, class_names, data_dir)
+    return RealSegDataset(name, read_five_crop, crops, size, class_names, data_dir)
 
 
 # ---- per-dataset file lists (each checks its layout first)
@@ -1999,47 +2009,57 @@ def _imagenet_s_variant(cfg):
     return int(n)
 
 
-REAL_DATASETS = ("cocostuff", "cityscapes", "potsdam", "imagenet-s")
+@dataclass(frozen=True)
+class DatasetSpec:
+    """--data NAME: its files and classes, how one pair is read, the paper's backbone for it, its presets."""
+    files: Callable | None                  # (cfg, split) -> ([(image path, label path)], class names), the
+                                            # layout checked first
+    read: Callable | None                   # (image path, label path) -> (PIL RGB, int64 label, -1 = ignore)
+    backbone: tuple[str, int]               # (--arch, --patch) when they are not given: the paper's
+    five_crop: bool = False                 # train on the five-crop set (the authors': COCO-Stuff, Cityscapes)
+    presets: str = ""                       # take the PRESETS rows of this dataset ('' = its own)
+    download: str = ""                      # the `bash download.sh` target that fetches it ('' = none)
+    build: Callable | None = None           # (cfg, split) -> Dataset, for data that are not files (the demo)
+    about: str = ""                         # what --help says of it
 
 
-def build_real_dataset(cfg: Config, split: str):
-    """COCO-Stuff-27, Cityscapes-27, Potsdam-3, ImageNet-S from cfg.data_dir (layouts above).
-    split 'train' -> cfg.img_size (COCO and Cityscapes: the five-crop set, built on first use with
-    every available core), 'val' -> cfg.val_size.  ImageNet-S: see _imagenet_s_variant."""
-    if split not in ("train", "val"):
-        raise PPAPError(f"split must be 'train' or 'val', not {split!r}")
-    name, data_dir = str(cfg.data), str(cfg.data_dir)
-    size = int(cfg.img_size if split == "train" else cfg.val_size)
-    workers = cfg.crop_workers or (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    progress = cfg.progress
-    if name == "cocostuff":
-        pairs, n, names = cocostuff_pairs(data_dir, split), 27, COCOSTUFF27_CLASS_NAMES
-    elif name == "cityscapes":
-        pairs, n, names = cityscapes_pairs(data_dir, split), 27, CITYSCAPES27_CLASS_NAMES
-    elif name == "potsdam":
-        return RealSegDataset(name, "potsdam", potsdam_pairs(data_dir, split), size, 3, POTSDAM3_CLASS_NAMES,
-                              data_dir)
-    elif name.startswith("imagenet-s"):
-        k = _imagenet_s_variant(cfg)
-        pairs, names = imagenet_s_pairs(data_dir, split, k)
-        return RealSegDataset("imagenet-s", "imagenet-s", pairs, size, k + 1, names, data_dir)
-    else:
-        raise PPAPError(f'unknown dataset {name!r} (real datasets: {", ".join(REAL_DATASETS)})')
-    if split == "train":
-        return five_crop_dataset(name, name, pairs, data_dir, size, n, names, workers=workers,
-                                 progress=progress, quality=cfg.crop_quality)
-    return RealSegDataset(name, name, pairs, size, n, names, data_dir)
+DATASETS = {
+    "synthetic": DatasetSpec(None, None, ("vit_tiny_demo", 8), about="procedural images, the offline demo",
+                             build=lambda cfg, split: SyntheticDataset(
+                                 split, cfg.img_size if split == "train" else cfg.val_size)),
+    "cocostuff": DatasetSpec(lambda cfg, split: (cocostuff_pairs(cfg.data_dir, split), COCOSTUFF27_CLASS_NAMES),
+                             read_cocostuff, ("vit_small", 8), five_crop=True, download="cocostuff",
+                             about="COCO-Stuff-27"),
+    "cityscapes": DatasetSpec(lambda cfg, split: (cityscapes_pairs(cfg.data_dir, split), CITYSCAPES27_CLASS_NAMES),
+                              read_cityscapes, ("vit_base", 8), five_crop=True, download="cityscapes",
+                              about="Cityscapes-27"),
+    "potsdam": DatasetSpec(lambda cfg, split: (potsdam_pairs(cfg.data_dir, split), POTSDAM3_CLASS_NAMES),
+                           read_potsdam, ("vit_base", 8), download="potsdam", about="Potsdam-3"),
+    "imagenet-s": DatasetSpec(lambda cfg, split: imagenet_s_pairs(cfg.data_dir, split, _imagenet_s_variant(cfg)),
+                              read_imagenet_s, ("vit_small", 8), download="imagenet-s",
+                              about="ImageNet-S 50/300/919 (--imagenet-s-classes)"),
+}
 
 
 def build_dataset(cfg: Config, split: str):
-    """split 'train' (img_size crops) or 'val' (val_size: shorter side resized to it with NEAREST, centre
+    """cfg.data's split 'train' (img_size crops; the five-crop set where the dataset trains on it, built on
+    first use with every available core) or 'val' (val_size: shorter side resized to it with NEAREST, centre
     crop, as the authors' val transform)."""
-    if cfg.data == "synthetic":
-        return SyntheticDataset(split, cfg.img_size if split == "train" else cfg.val_size)
-    return build_real_dataset(cfg, split)
-
-
+    if split not in ("train", "val"):
+        raise PPAPError(f"split must be 'train' or 'val', not {split!r}")
+    if cfg.data not in DATASETS:
+        raise PPAPError(f"unknown --data {cfg.data!r}; choose one of {', '.join(DATASETS)}")
+    spec = DATASETS[cfg.data]
+    if spec.build is not None:
+        return spec.build(cfg, split)
+    pairs, names = spec.files(cfg, split)
+    size, data_dir = int(cfg.img_size if split == "train" else cfg.val_size), str(cfg.data_dir)
+    if split == "train" and spec.five_crop:
+        workers = cfg.crop_workers or (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        return five_crop_dataset(cfg.data, spec.read, pairs, data_dir, size, names, workers=workers,
+                                 progress=cfg.progress, quality=cfg.crop_quality)
+    return RealSegDataset(cfg.data, spec.read, pairs, size, names, data_dir)
 
 
 def subset(dataset, indices):
@@ -2069,7 +2089,7 @@ def make_loader(cfg: Config, dataset, train: bool, epoch: int = 0, skip: int = 0
     In a job of several processes every one draws the same permutation and takes its slice of each global
     batch (training: batch_size / world consecutive images; evaluation: every world-th image).
     Pinned memory on CUDA; `persistent` keeps the workers between passes (the periodic validation)."""
-    rank, world = dist_world()
+    rank, world = dist_rank(), world_size()
     bs = batch_size or cfg.batch_size
     # A private generator: iterating a DataLoader must not draw from the global RNG, and the same seed gives
     # the same order in every process and in a resumed run.
@@ -2088,7 +2108,7 @@ def make_loader(cfg: Config, dataset, train: bool, epoch: int = 0, skip: int = 0
                                        prefetch_factor=4 if workers else None)
 
 
-# ==== SUPPORT: checkpoints and files ====
+# ==== SUPPORT: checkpoints, run directories and files ====
 
 def atomic_write(path: str, write) -> None:
     """write(tmp) to a temporary name in the same folder, then rename it over path: a crash, a full disk or
@@ -2142,6 +2162,12 @@ def save_checkpoint(model, opts, scaler, cfg: Config, step: int, dataset, best=N
         raise PPAPError(f"cannot write {path}: {e.strerror or e} (disk full?); the previous "
                         f"{os.path.basename(path)} is intact") from None
     return path
+
+
+def default_run_dir(cfg: Config) -> str:
+    """runs/<data>_<arch><patch>_<time>; an arch of one patch size names it already (dinov2_vits14)."""
+    backbone = cfg.arch if len(BACKBONES[cfg.arch].patches) == 1 else f"{cfg.arch}{cfg.patch}"
+    return os.path.join("runs", f"{cfg.data}_{backbone}_{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 class RunLog:
@@ -2223,11 +2249,11 @@ def config_from_checkpoint(ckpt: dict, **overrides) -> Config:
 def model_from_checkpoint(ckpt: dict, file: str = "checkpoint") -> tuple[PPAP, Config]:
     """A checkpoint dict -> (PPAP model on the CPU with its weights, strict; its Config)."""
     cfg = config_from_checkpoint(ckpt)
-    if cfg.arch not in ARCHS:
+    if cfg.arch not in BACKBONES:
         raise PPAPError(f"{file}: unknown arch {cfg.arch!r}")
-    model = PPAP(ARCHS[cfg.arch](cfg.patch), int(ckpt["n_classes"]), cfg.cluster_probes)
+    model = build_model(cfg, int(ckpt["n_classes"]), weights=False)
     sd = ckpt["model"]
-    if "backbone.pos_embed" in sd:
+    if "backbone.pos_embed" in sd and hasattr(model.backbone, "adopt_pos_grid"):    # a ViT of another resolution
         model.backbone.adopt_pos_grid(sd["backbone.pos_embed"])
     missing, unexpected, wrong = key_mismatch(model.state_dict(), sd)
     if missing or unexpected or wrong:
@@ -2244,6 +2270,164 @@ def load_run(path: str, device="cpu"):
     return model.to(device), cfg, ckpt
 
 
+# ==== SUPPORT: devices, and several processes (torchrun) ====
+# torchrun starts one process per GPU (or CPU worker) with RANK, LOCAL_RANK, WORLD_SIZE in the environment.
+# --batch-size stays the global batch; each process takes its slice of every global batch (make_loader) and
+# of every random draw (my_rows), the loss sees every process's rows (gather_rows), and the validation sums
+# each process's confusion matrices (evaluate). Rank 0 alone prints, logs and writes checkpoints. Every
+# helper here is the identity (or a no-op) in one process, so the method above reads as one process.
+
+def pick_device(name: str) -> torch.device:
+    """--device -> torch.device: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise PPAPError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise PPAPError(f"--device {name}: this code runs on the CPU and on CUDA GPUs; use cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PPAPError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PPAPError(f"--device {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s) "
+                            f"(indices 0 to {torch.cuda.device_count() - 1})")
+    return dev
+
+
+def _joined() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def dist_rank() -> int:
+    return torch.distributed.get_rank() if _joined() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if _joined() else 1
+
+
+def setup_distributed(device_name: str, global_batch: int | None = None) -> torch.device:
+    """Join torchrun's process group (NCCL on CUDA, gloo on the CPU) and pick this process's device (GPU
+    LOCAL_RANK); a plain `python ppap.py` just gets its device. Bad setups fail in every process alike, before
+    any process waits for another."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world <= 1 or torch.distributed.is_initialized():
+        return device
+    local, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if global_batch is not None and global_batch % world:
+        raise PPAPError(f"--batch-size {global_batch} (the global batch) is not divisible by the "
+                        f"{world} processes of this job")
+    if device.type == "cuda":
+        if local_world > torch.cuda.device_count():
+            raise PPAPError(f"this node runs {local_world} processes but torch sees {torch.cuda.device_count()} "
+                            f"GPU(s); use --nproc-per-node {torch.cuda.device_count()} or fewer")
+        if not torch.distributed.is_nccl_available():
+            raise PPAPError("this torch build has no NCCL, which CUDA jobs of several processes need; run on "
+                            "one GPU, or use --device cpu (gloo)")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def distributed(core: nn.Module, device: torch.device, cfg: Config) -> nn.Module:
+    """The module the step calls: `core`, under torchrun wrapped in DistributedDataParallel (the trained
+    modules' gradients are averaged; the frozen backbone has none)."""
+    if world_size() == 1:
+        return core
+    return nn.parallel.DistributedDataParallel(core, device_ids=[device] if device.type == "cuda" else None,
+                                               find_unused_parameters=not cfg.ppap_weight)
+
+
+def unwrap(model) -> "PPAP":
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def from_rank0(obj):
+    """Rank 0's value of a picklable object, in every process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def my_rows(t: torch.Tensor) -> torch.Tensor:
+    """This process's consecutive slice of the rows of a global tensor (all of it in one process)."""
+    n = t.shape[0] // world_size()
+    return t[dist_rank() * n:(dist_rank() + 1) * n]
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the processes (the tensor itself in one process)."""
+    if world_size() > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_sum_dict(values: dict, device) -> dict:
+    """{name: scalar or 1-D tensor, or float} summed over the processes in one collective, in float32 ->
+    {name: float, or a list for a 1-D tensor} (in one process: the values themselves)."""
+    parts = [torch.as_tensor(v).detach().to(device=device, dtype=torch.float32).reshape(-1) for v in values.values()]
+    summed = all_sum(torch.cat(parts)).tolist()
+    out, at = {}, 0
+    for (k, v), p in zip(values.items(), parts):
+        out[k] = summed[at:at + len(p)] if torch.is_tensor(v) and v.dim() else summed[at]
+        at += len(p)
+    return out
+
+
+def all_names(names) -> list:
+    """The sorted union over the processes of an iterable of names."""
+    if world_size() == 1:
+        return sorted(names)
+    every = [None] * world_size()
+    torch.distributed.all_gather_object(every, sorted(names))
+    return sorted(set().union(*every))
+
+
+def check_same_weights(core: nn.Module, step: int) -> None:
+    """Every process must hold the same trained weights (checked at each save); one line if they drifted."""
+    if world_size() == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in core.parameters() if p.requires_grad])
+    low, high = sums.clone(), sums.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise PPAPError(f"the {world_size()} processes hold different weights at step {step}")
+
+
+class _GatherRows(torch.autograd.Function):
+    """[n,D] per process -> [world*n, D], the processes' rows in rank order. Backward: every process's loss
+    depends on every row, so the row gradients are summed over the processes before each takes its own."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return my_rows(grad)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of x, concatenated in rank order (x itself in one process), with gradient."""
+    return _GatherRows.apply(x) if world_size() > 1 else x
+
 # ==== CLI ====
 
 # What a continued run may change: where and how it executes, how long it runs and how often it is
@@ -2259,26 +2443,34 @@ FLAG_NAMES = {"run": ("--run-dir", "--run")}
 
 
 class _Parser(argparse.ArgumentParser):
+    hint = "python ppap.py --help lists the flags"
+
     def error(self, message):            # one line, exit code 2 (through main), instead of usage + error
-        raise PPAPError(f"{message} (python ppap.py --help lists the flags)")
+        raise PPAPError(f"{message} ({self.hint})")
 
 
 def build_parser(shown: Config) -> argparse.ArgumentParser:
     """The Config dataclass is the CLI: every field is --field-name, its help the field's description and
     the value the chosen preset gives it."""
     p = _Parser(prog="ppap.py", description=__doc__.split("\n\n")[0],
-                epilog=f"Flags allowed with --resume: {', '.join('--' + k.replace('_', '-') for k in RESUME_FLAGS)}.",
+                epilog=f"Flags allowed with --resume: {', '.join(map(flag, RESUME_FLAGS))}.",
                 formatter_class=argparse.RawTextHelpFormatter)
     for f in fields(Config):
-        flags = FLAG_NAMES.get(f.name, ("--" + f.name.replace("_", "-"),))
+        flags = FLAG_NAMES.get(f.name, (flag(f.name),))
         value = getattr(shown, f.name)
-        help = f"{f.metadata['help']}\n  [{shown.data} preset: {value!r}]"
+        help = f.metadata["help"] + {"data": _choices(DATASETS), "arch": _choices(BACKBONES)}.get(f.name, "")
+        help = f"{help}\n  [{shown.data} preset: {value!r}]"
         if f.type.startswith("bool"):
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help)
         else:
             p.add_argument(*flags, dest=f.name, type=type(f.default), default=argparse.SUPPRESS, help=help)
     return p
+
+
+def _choices(registry: dict) -> str:
+    """A registry's names for --help, each with what it is."""
+    return ":" + "".join(f"\n    {name}" + (f": {spec.about}" if spec.about else "") for name, spec in registry.items())
 
 
 def parse_overrides(argv=None) -> dict:
@@ -2304,8 +2496,8 @@ def resume_config(overrides: dict) -> tuple[Config, dict]:
     from best_on_val.pt, which would otherwise overwrite the run's newer last.pt)."""
     refused = [k for k in overrides if k not in RESUME_FLAGS + ("run",)]
     if refused:
-        raise PPAPError(f"--resume continues a run as it was configured; {', '.join('--' + k.replace('_', '-') for k in refused)} "
-                        f"cannot change (allowed: {', '.join('--' + k.replace('_', '-') for k in RESUME_FLAGS[1:])}, --run)")
+        raise PPAPError(f"--resume continues a run as it was configured; {', '.join(map(flag, refused))} "
+                        f"cannot change (allowed: {', '.join(map(flag, RESUME_FLAGS[1:]))}, --run)")
     file = os.path.abspath(checkpoint_file(overrides["resume"]))
     ckpt = read_checkpoint(file)
     if os.path.basename(file) != "last.pt" and not overrides.get("run"):
@@ -2352,7 +2544,7 @@ def job_output():
         if quiet:
             sys.stdout.close()
             sys.stdout = stdout
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if _joined():
             torch.distributed.destroy_process_group()
 
 
@@ -2360,8 +2552,7 @@ def report_error(e: Exception) -> None:
     """One `error:` line. In a torchrun job the errors every process meets alike (flags, setup) are printed
     by rank 0 only; once the job runs, another rank's error names the rank."""
     rank = int(os.environ.get("RANK", "0"))
-    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if rank == 0 or joined:
+    if rank == 0 or _joined():
         print(f"error: {f'[rank {rank}] ' if rank else ''}{one_line(e)}", file=sys.stderr)
 
 
@@ -2376,5 +2567,7 @@ def one_line(e: Exception) -> str:
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("ppap", sys.modules[__name__])   # eval.py imports ppap: share this module, not a copy
+    # A module that imports ppap (a fork's plug-in, a test helper) must see this module, not a second copy
+    # whose classes and registries differ from the running ones.
+    sys.modules.setdefault("ppap", sys.modules[__name__])
     sys.exit(main())

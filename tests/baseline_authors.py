@@ -6,13 +6,13 @@ train_step), so a benchmark against this baseline measures exactly these two cho
 * attention as an explicit softmax(q k^T * scale) @ v, as in the DINO code the authors build on,
   instead of ppap.py's fused F.scaled_dot_product_attention;
 * the PPAP loss of tests/reference_loss.py: a Python loop over anchor groups that materialises the
-  proxies from an [A, N, D] tensor, instead of ppap.ppap_loss.
+  proxies from an [A, N, D] tensor, instead of ppap.PPAPLoss.
 
 Mixed precision is the preset's (fp16 autocast + GradScaler on CUDA), as in the authors' runs.
 """
 from __future__ import annotations
 
-import contextlib
+import torch
 
 import ppap  # imported by tests/benchmarks.py, which puts the repository and tests/ on sys.path
 from reference_loss import reference_ppap_loss
@@ -39,18 +39,17 @@ def use_explicit_attention(model) -> int:
     return n
 
 
-@contextlib.contextmanager
-def reference_loss_in_ppap():
-    """Within the block, ppap.train_step computes its loss with reference_ppap_loss."""
-    saved = ppap.ppap_loss
-    ppap.ppap_loss = reference_ppap_loss
-    try:
-        yield
-    finally:
-        ppap.ppap_loss = saved
+class ReferenceLoss(ppap.PPAPLoss):
+    """ppap.PPAPLoss with its anchors' loss computed by reference_ppap_loss (one process)."""
+
+    def anchored(self, z, f, rows, n_groups=None, chunk_elems=None):
+        group = self.cfg.group
+        positions = rows - torch.arange(len(rows))[:, None] * group
+        hp = ppap.loss_hyper(self.cfg)
+        hp.pop("trainpatchsplit")
+        return reference_ppap_loss(z, f, positions, **hp)
 
 
 def authors_train_step(model, batch, opts, scaler, cfg, device):
     """ppap.train_step with the reference loss (call use_explicit_attention(model) once beforehand)."""
-    with reference_loss_in_ppap():
-        return ppap.train_step(model, batch, opts, scaler, cfg, device)
+    return ppap.train_step(model, batch, opts, scaler, cfg, device, ReferenceLoss(cfg))

@@ -7,7 +7,7 @@ Every ratio is taken against a baseline measured by this same invocation on the 
 
   loss  COCO ViT-S/8 shapes: --loss-batch images (default 8) -> N = 784 * B rows, D = 384, groups of 784,
         49 anchors per group (trainpatchsplit 16), T = 2 and the other cocostuff preset values.
-        ours = ppap.ppap_loss; baseline = tests/reference_loss.reference_ppap_loss (per-group Python loop,
+        ours = ppap.PPAPLoss; baseline = tests/reference_loss.reference_ppap_loss (per-group Python loop,
         proxies from an [A, N, D] tensor). Forward + backward, median over repeats after warm-up; peak
         memory; relative difference of the two losses and of their gradients on the same inputs.
         Inputs are synthetic clustered features (27 classes in 6 super-classes, noise chosen so an anchor
@@ -155,7 +155,10 @@ def sync(device: torch.device) -> None:
 
 
 def loss_kwargs() -> dict:
-    return ppap.loss_args(ppap.make_config({"data": "cocostuff"}))
+    """The COCO preset's loss hyper-parameters, in reference_ppap_loss's calling convention."""
+    hp = ppap.loss_hyper(ppap.make_config({"data": "cocostuff"}))
+    hp.pop("trainpatchsplit")
+    return hp
 
 
 def loss_inputs(batch: int, device: torch.device, seed: int = 0, dim: int = 384):
@@ -174,11 +177,9 @@ def loss_inputs(batch: int, device: torch.device, seed: int = 0, dim: int = 384)
 
 
 def loss_fn(which: str, chunk_elems: int | None = None):
+    from reference_loss import autograd_ppap_loss, ppap_loss_at, reference_ppap_loss
     if which == "ours":
-        if chunk_elems:
-            return lambda *a, **kw: ppap.ppap_loss(*a, chunk_elems=chunk_elems, **kw)
-        return ppap.ppap_loss
-    from reference_loss import autograd_ppap_loss, reference_ppap_loss
+        return lambda *a, **kw: ppap_loss_at(*a, chunk_elems=chunk_elems, **kw)
     return autograd_ppap_loss if which == "autograd" else reference_ppap_loss
 
 
@@ -246,12 +247,13 @@ def case_step(spec: dict) -> dict:
     torch.manual_seed(0)
     cfg = ppap.make_config({"data": "cocostuff", "batch_size": spec["batch"], "amp_dtype": spec["amp_dtype"],
                             "device": spec["device"], "progress": False})
-    model = ppap.PPAP(ppap.ARCHS[cfg.arch](cfg.patch), 27).to(device)
+    model = ppap.PPAP(ppap.new_backbone(cfg.arch, cfg.patch), 27).to(device)
     if spec["which"] == "baseline":
         assert base.use_explicit_attention(model) == 13
         step = base.authors_train_step
     else:
-        step = ppap.train_step
+        criterion = ppap.build_loss(cfg)
+        step = lambda *a: ppap.train_step(*a, criterion)     # noqa: E731
     opts = ppap.build_optimizers(cfg, model)
     scaler = ppap.make_scaler(cfg, device)
     model.train()
@@ -352,7 +354,7 @@ def bench_loss(args, results: dict) -> None:
     print(memory_note(ours))
     contention_note(args.device, ours, ref)
     print(f"      per anchor: {ours['positives']:.0f} positives, {ours['negatives']:.0f} negatives")
-    label = "ours (ppap.ppap_loss)" if not args.chunk_elems else f"ours (chunk_elems={args.chunk_elems})"
+    label = "ours (ppap.PPAPLoss)" if not args.chunk_elems else f"ours (chunk_elems={args.chunk_elems})"
     print(f"  {'':28s} {'time':>10s} {head}")
     print(f"  {'reference ([A,N,D], loop)':28s} {ref['median_s'] * 1e3:8.1f}ms {ref_cells}")
     print(f"  {label:28s} {ours['median_s'] * 1e3:8.1f}ms {ours_cells}")
@@ -423,7 +425,7 @@ def bench_loader(args, results: dict) -> None:
     need = 5 * 5 * 49_629 / 1200                       # 5 epochs of the five-crop set (~248k crops) in 20 min
     with tempfile.TemporaryDirectory() as tmp:
         pairs = make_crop_tree(Path(tmp), args.loader_sources)
-        ds = ppap.RealSegDataset("cocostuff", "five_crop", pairs, cfg.img_size, 27, ppap.COCOSTUFF27_CLASS_NAMES)
+        ds = ppap.RealSegDataset("cocostuff", ppap.read_five_crop, pairs, cfg.img_size, ppap.COCOSTUFF27_CLASS_NAMES)
         loader = ppap.make_loader(cfg, ds, train=True)
         n, t0, first = 0, time.perf_counter(), None
         for batch in loader:

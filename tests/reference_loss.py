@@ -59,12 +59,29 @@ def plain_anchor_log_prob(z, rows, code, tau):
 
 
 def autograd_ppap_loss(z, f, anchors, **kw):
-    """ppap.ppap_loss with plain_anchor_log_prob: the gradient reference of the custom backward and the
+    """ppap's loss with plain_anchor_log_prob: the gradient reference of the custom backward and the
     "before" of the B=64 memory benchmark."""
     import ppap
     saved = ppap.anchor_log_prob
     ppap.anchor_log_prob = plain_anchor_log_prob
     try:
-        return ppap.ppap_loss(z, f, anchors, **kw)
+        return ppap_loss_at(z, f, anchors, **kw)
     finally:
         ppap.anchor_log_prob = saved
+
+
+def ppap_loss_at(z, f, anchors, *, group=784, groups=None, n_groups_total=None, chunk_elems=None, **hp):
+    """ppap's loss object on within-group anchor positions [G, A] of the groups `groups` (default: the first
+    G), the calling convention of reference_ppap_loss. hp: the loss's Config fields (phi0, tau, ...)."""
+    import ppap
+    groups = torch.arange(len(anchors)) if groups is None else torch.as_tensor(groups)
+    rows = anchors + groups[:, None] * group
+    return ppap.PPAPLoss(ppap.Config(group=group, **hp)).anchored(z, f, rows, n_groups=n_groups_total,
+                                                                   chunk_elems=chunk_elems)
+
+
+def propagate(f, rows, trace=None, **hp):
+    """ppap's loss object's propagation -> (positives, negatives, their sizes per anchor)."""
+    import ppap
+    pos, neg = ppap.PPAPLoss(ppap.Config(**hp)).propagate(f, rows, trace=trace)
+    return pos, neg, pos.sum(1), neg.sum(1)

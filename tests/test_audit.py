@@ -4,7 +4,7 @@ audit table of the authors' released checkpoints.
     .venv/bin/python -m pytest -q tests/test_audit.py
 
 The brute-force helpers below re-derive the method from the paper's definitions with Python loops over
-anchors and samples; they share no code with ppap.propagate.
+anchors and samples; they share no code with ppap.PPAPLoss.propagate.
 """
 import math
 
@@ -13,8 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import ppap
+from reference_loss import propagate
 
 COCO = dict(phi0=0.55, psi0=0.20, sigma_pos=3.0, sigma_amb=3.0)
+
+
+def loss_of(**hp):
+    """The loss object of these hyper-parameters (Config fields)."""
+    return ppap.PPAPLoss(ppap.Config(**hp))
 
 
 def _fp16(x):
@@ -70,7 +76,7 @@ def cluster_features(seed=0, n_per=6, dim=6, spread=0.35):
 
 
 # ---------------------------------------------------------------------------
-# ppap.propagate's trace hook
+# the loss's propagate and its trace hook
 
 def test_propagate_trace_matches_brute_force_and_leaves_results_unchanged():
     f, _ = cluster_features()
@@ -78,9 +84,9 @@ def test_propagate_trace_matches_brute_force_and_leaves_results_unchanged():
     for T in (0, 1, 3):
         for no_amb in (False, True):
             kw = dict(COCO, prop_iter=T, no_ambiguity=no_amb)
-            plain = ppap.propagate(f, rows, **kw)
+            plain = propagate(f, rows, **kw)
             trace = []
-            traced = ppap.propagate(f, rows, trace=trace, **kw)
+            traced = propagate(f, rows, trace=trace, **kw)
             for a, b in zip(plain, traced):                       # the hook changes nothing
                 assert torch.equal(a, b)
             assert len(trace) == T + 1
@@ -97,14 +103,15 @@ def test_propagate_trace_matches_brute_force_and_leaves_results_unchanged():
                     assert st["sim"].shape == (len(rows), len(f))
 
 
-def test_ppap_loss_does_not_use_the_hook(monkeypatch):
-    """Training passes no trace: _trace_step is never called from ppap_loss."""
-    calls = []
-    monkeypatch.setattr(ppap, "_trace_step", lambda *a, **k: calls.append(1))
+def test_the_loss_does_not_use_the_hook(monkeypatch):
+    """Training passes no trace to propagate."""
+    traces, real = [], ppap.PPAPLoss.propagate
+    monkeypatch.setattr(ppap.PPAPLoss, "propagate", lambda self, f, rows, trace=None: traces.append(trace)
+                        or real(self, f, rows, trace))
     f, _ = cluster_features()
     z = F.normalize(torch.randn(len(f), 5, generator=torch.Generator().manual_seed(1)), dim=1)
-    ppap.ppap_loss(z, f, torch.tensor([[0, 3, 9]]), group=len(f), tau=0.8, prop_iter=2, **COCO)
-    assert calls == []
+    loss_of(group=len(f), trainpatchsplit=6, tau=0.8, prop_iter=2, **COCO)(z, f, torch.Generator().manual_seed(0))
+    assert traces == [None]
 
 
 # ---------------------------------------------------------------------------
@@ -345,7 +352,7 @@ def test_propagation_statistics_by_hand():
     from test_loss import hand_features
     f = hand_features()
     labels = torch.tensor([0, 0, 1, 0, 1, 2, -1, 0])
-    sums = ev.propagation_sums(f, labels, torch.tensor([0]), prop_iter=0, **COCO)
+    sums = ev.propagation_sums(f, labels, torch.tensor([0]), loss_of(prop_iter=0, **COCO))
     got = {k: v[0].item() for k, v in sums.items()}
     assert got == {"anchors": 1, "labelled_anchors": 1, "no_positive": 0,
                    "pos": 2, "pos_labelled": 2, "pos_same": 1,               # 1 (class 0) yes, 2 (class 1) no
@@ -360,7 +367,8 @@ def test_propagation_statistics_by_hand():
                                  "ambiguous_purity": 100.0, "negatives": 3.0, "negative_purity": 100.0,
                                  "no_positive_anchors": 0.0}]
     # an unlabelled anchor counts in the set sizes but in no purity
-    sums = ev.propagation_sums(f, torch.tensor([-1, 0, 1, 0, 1, 2, -1, 0]), torch.tensor([0]), prop_iter=0, **COCO)
+    sums = ev.propagation_sums(f, torch.tensor([-1, 0, 1, 0, 1, 2, -1, 0]), torch.tensor([0]),
+                               loss_of(prop_iter=0, **COCO))
     assert sums["pos"][0] == 2 and sums["pos_labelled"][0] == 0 and sums["pairs_labelled"][0] == 0
     assert ev.propagation_summary(sums)["steps"][0]["positive_purity"] is None
 
@@ -372,7 +380,7 @@ def test_propagation_statistics_equal_brute_force_with_propagation(no_ambiguity)
     kw = dict(COCO, prop_iter=3, no_ambiguity=no_ambiguity)
     want = brute_force_sums(f, labels, anchors, **kw)
     for chunk in (2 ** 24, 2 * len(f)):                     # one chunk, and two anchors per chunk
-        got = ev.propagation_sums(f, labels, torch.tensor(anchors), chunk_elems=chunk, **kw)
+        got = ev.propagation_sums(f, labels, torch.tensor(anchors), loss_of(**kw), chunk_elems=chunk)
         for k in ev.PROP_SUMS:
             assert got[k].tolist() == pytest.approx(want[k], abs=1e-5), k
     # the sets do change with t here (the test is about propagation, not only t = 0)
@@ -407,15 +415,16 @@ def test_propagation_report_on_a_short_run(short_run, tmp_path, capsys):
     assert im.format == "PNG" and im.width > 4 * 120 and im.height > 2 * 120
     assert doc["n_images"] == 8 and doc["batches"] == 2 and doc["grid"] == [14, 14] and doc["kind"] == "run"
     assert doc["hyper"] == {"phi0": 0.75, "psi0": 0.35, "prop_iter": 2, "sigma_pos": 3.0, "sigma_amb": 3.0,
+                            "tau": 0.8, "trainpatchsplit": 16, "group": 784,
                             "no_ambiguity": False}                   # the run's config (the synthetic preset)
-    assert doc["group"] == 784 and doc["anchors_per_group"] == 49 and doc["n_anchors"] == 2 * 49
+    assert doc["anchors_per_group"] == 49 and doc["n_anchors"] == 2 * 49
     assert "eval" in doc["mode"] and "same for every run" in doc["feature_sets"]["criterion"]["description"]
     # brute force from the same model, images and anchors
     model, cfg, _ = ppap.load_run(str(short_run))
     model.eval()
     ds = ppap.SyntheticDataset("val", cfg.val_size)
     g = torch.Generator().manual_seed(3)
-    kw = {k: doc["hyper"][k] for k in ev.PROP_HYPER}
+    kw = {k: doc["hyper"][k] for k in ("phi0", "psi0", "prop_iter", "sigma_pos", "sigma_amb", "no_ambiguity")}
     want = {"criterion": None, "z": None}
     for start in (0, 4):
         items = [ds[i] for i in range(start, start + 4)]
@@ -462,4 +471,4 @@ def test_propagation_report_official_uses_the_preset(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ")
         return err[0]
     assert "raise --batch-size" in one_error(["--propagation", "--batch-size", "2"] + common)   # 392 < 784 rows
-    assert "--propagation goes with --run or --official" in one_error(["--summarize", "x", "--propagation"])
+    assert "unrecognized arguments: --propagation" in one_error(["--summarize", "x", "--propagation"])

@@ -261,7 +261,7 @@ def test_resize_center_crop_matches_torchvision_and_reference():
 
 def test_coco_val_items(tmp_path):
     ids = make_coco(tmp_path)
-    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'val')
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'val')
     assert len(ds) == 2 and ds.n_classes == 27 and list(ds.class_names) == list(D.COCOSTUFF27_CLASS_NAMES)
     ref = coco_reference_map(D.COCOSTUFF27_CLASS_NAMES)
     ref_lut = np.array([ref.get(v, -1) for v in range(256)])
@@ -279,7 +279,7 @@ def test_coco_val_items(tmp_path):
 
 def test_coco_train_five_crop(tmp_path):
     ids = make_coco(tmp_path)
-    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'train')
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'train')
     out = D.five_crop_dir(str(tmp_path), 'cocostuff')
     assert out == os.path.join(str(tmp_path), 'cropped', 'cocostuff_five_crop_0.5')
     assert len(ds) == 5 * len(ids['train2017']) and ds.n_classes == 27
@@ -319,8 +319,8 @@ def test_five_crop_boxes_match_torchvision():
 def test_five_crop_multiprocess_equals_single(tmp_path):
     make_coco(tmp_path, n_train=4)
     pairs = D.cocostuff_pairs(str(tmp_path), 'train')
-    a = D.build_five_crop('cocostuff', 'cocostuff', pairs, str(tmp_path / 'a'), workers=1, progress=False)
-    b = D.build_five_crop('cocostuff', 'cocostuff', pairs, str(tmp_path / 'b'), workers=2, progress=False)
+    a = D.build_five_crop('cocostuff', D.read_cocostuff, pairs, str(tmp_path / 'a'), workers=1, progress=False)
+    b = D.build_five_crop('cocostuff', D.read_cocostuff, pairs, str(tmp_path / 'b'), workers=2, progress=False)
     files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
     assert len([f for f in files if f.endswith('.jpg')]) == 20
     for f in files:
@@ -341,7 +341,7 @@ def test_five_crop_interruption_and_idempotence(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D, '_five_crop_one', dies_on_second)
     with pytest.raises(KeyboardInterrupt):
-        D.build_five_crop('cocostuff', 'cocostuff', pairs, root, workers=1, progress=False)
+        D.build_five_crop('cocostuff', D.read_cocostuff, pairs, root, workers=1, progress=False)
     assert not os.path.exists(out)                           # never mistaken for a finished set
     partial = out + '.incomplete'
     first = os.path.join(partial, 'img', 'train', '0.jpg')
@@ -352,9 +352,9 @@ def test_five_crop_interruption_and_idempotence(tmp_path, monkeypatch):
     open(os.path.join(partial, 'DONE.json'), 'w').write('{}')
     with pytest.raises(D.PPAPError, match="cannot write the five-crop cache"):   # not used as it is either
         monkeypatch.setattr(D, '_five_crop_one', lambda t: (_ for _ in ()).throw(PermissionError()))
-        D.build_real_dataset(cfg('cocostuff', root), 'train')
+        D.build_dataset(cfg('cocostuff', root), 'train')
     monkeypatch.setattr(D, '_five_crop_one', real)
-    D.build_five_crop('cocostuff', 'cocostuff', pairs, root, workers=1, progress=False)
+    D.build_five_crop('cocostuff', D.read_cocostuff, pairs, root, workers=1, progress=False)
     assert os.path.isdir(out) and not os.path.exists(partial)
     assert os.stat(os.path.join(out, 'img', 'train', '0.jpg')).st_mtime_ns == mtime   # resumed
     assert sorted(os.listdir(os.path.join(out, 'img', 'train'))) == sorted(f'{j}.jpg' for j in range(15))
@@ -369,18 +369,18 @@ def test_five_crop_interruption_and_idempotence(tmp_path, monkeypatch):
     monkeypatch.setattr(D, '_five_crop_one', must_not_run)
     snapshot = {f: os.stat(os.path.join(out, 'img', 'train', f)).st_mtime_ns
                 for f in os.listdir(os.path.join(out, 'img', 'train'))}
-    assert D.build_five_crop('cocostuff', 'cocostuff', pairs, root, workers=2, progress=False) == out
-    ds = D.build_real_dataset(cfg('cocostuff', root), 'train')
+    assert D.build_five_crop('cocostuff', D.read_cocostuff, pairs, root, workers=2, progress=False) == out
+    ds = D.build_dataset(cfg('cocostuff', root), 'train')
     assert len(ds) == 15
     assert snapshot == {f: os.stat(os.path.join(out, 'img', 'train', f)).st_mtime_ns
                         for f in os.listdir(os.path.join(out, 'img', 'train'))}
 
     # a finished folder built from another list (or without DONE.json) is rebuilt, not used
     monkeypatch.setattr(D, '_five_crop_one', real)
-    D.build_five_crop('cocostuff', 'cocostuff', pairs[:2], root, workers=1, progress=False)
+    D.build_five_crop('cocostuff', D.read_cocostuff, pairs[:2], root, workers=1, progress=False)
     assert len(os.listdir(os.path.join(out, 'img', 'train'))) == 10
     os.remove(os.path.join(out, 'DONE.json'))
-    ds = D.build_real_dataset(cfg('cocostuff', root), 'train')
+    ds = D.build_dataset(cfg('cocostuff', root), 'train')
     assert len(ds) == 15 and len(os.listdir(os.path.join(out, 'img', 'train'))) == 15
 
 
@@ -388,7 +388,7 @@ def test_five_crop_interruption_and_idempotence(tmp_path, monkeypatch):
 
 def test_cityscapes(tmp_path):
     made = make_cityscapes(tmp_path)
-    val = D.build_real_dataset(cfg('cityscapes', tmp_path), 'val')
+    val = D.build_dataset(cfg('cityscapes', tmp_path), 'val')
     assert val.n_classes == 27 and len(val.class_names) == 27 and len(val) == 2
     for j, (stem, k) in enumerate(sorted(made['val'])):
         img = np.asarray(Image.open(tmp_path / 'cityscapes/leftImg8bit/val/frankfurt' / f'{stem}_leftImg8bit.png'))
@@ -399,7 +399,7 @@ def test_cityscapes(tmp_path):
         torch.testing.assert_close(item['img'], ref_img(ref_resize_crop(img, 320)), rtol=0, atol=1e-6)
         assert np.array_equal(item['label'].numpy(), ref_resize_crop(expect, 320))
         assert item['label'].min() == -1 and item['label'].max() <= 26
-    train = D.build_real_dataset(cfg('cityscapes', tmp_path), 'train')
+    train = D.build_dataset(cfg('cityscapes', tmp_path), 'train')
     assert len(train) == 5 * 4
     out = D.five_crop_dir(str(tmp_path), 'cityscapes')
     assert os.path.exists(os.path.join(out, 'label', 'train', '19.png'))
@@ -417,7 +417,7 @@ def test_potsdam(tmp_path, float_img):
     from scipy.io import loadmat
     ids = make_potsdam(tmp_path, float_img=float_img)
     for split, lst, size in (('train', 'labelled_train.txt', 224), ('val', 'labelled_test.txt', 320)):
-        ds = D.build_real_dataset(cfg('potsdam', tmp_path), split)
+        ds = D.build_dataset(cfg('potsdam', tmp_path), split)
         assert ds.n_classes == 3 and len(ds.class_names) == 3 and len(ds) == len(ids[lst])
         for j, name in enumerate(ids[lst]):
             raw = loadmat(tmp_path / 'potsdam/imgs' / f'{name}.mat')['img'][..., :3]
@@ -435,7 +435,7 @@ def test_potsdam(tmp_path, float_img):
 
 def test_imagenet_s(tmp_path):
     wnids, made = make_imagenet_s(tmp_path, n=300)
-    ds = D.build_real_dataset(cfg('imagenet-s', tmp_path, imagenet_s_classes=300), 'val')
+    ds = D.build_dataset(cfg('imagenet-s', tmp_path, imagenet_s_classes=300), 'val')
     assert ds.n_classes == 301 and ds.class_names[0] == 'background' and ds.class_names[1:] == wnids
     assert len(ds) == 2
     for j, (split, w, stem, ids) in enumerate([m for m in made if m[0] == 'validation']):
@@ -445,15 +445,15 @@ def test_imagenet_s(tmp_path):
         torch.testing.assert_close(item['img'], ref_img(ref_resize_crop(img, 320)), rtol=0, atol=1e-6)
         assert np.array_equal(item['label'].numpy(), ref_resize_crop(expect, 320))
         assert set(np.unique(item['label'].numpy())) <= {-1, 0, 1, 255, 256, 300}
-    train = D.build_real_dataset(cfg('imagenet-s', tmp_path, imagenet_s_classes=300), 'train')
+    train = D.build_dataset(cfg('imagenet-s', tmp_path, imagenet_s_classes=300), 'train')
     assert len(train) == 2 and train[0]['img'].shape == (3, 224, 224)
     with pytest.raises(D.PPAPError, match='ImageNetS50/validation-segmentation — run: bash download.sh imagenet-s'):
-        D.build_real_dataset(cfg('imagenet-s', tmp_path), 'val')   # 'imagenet-s' = ImageNet-S50
+        D.build_dataset(cfg('imagenet-s', tmp_path), 'val')   # 'imagenet-s' = ImageNet-S50
     for w in wnids[:3]:
         os.makedirs(tmp_path / 'imagenet-s/ImageNetS50/validation-segmentation' / w)
         os.makedirs(tmp_path / 'imagenet-s/ImageNetS50/validation' / w)
     with pytest.raises(D.PPAPError, match='has 3 class folders, expected 50'):
-        D.build_real_dataset(cfg('imagenet-s', tmp_path), 'val')
+        D.build_dataset(cfg('imagenet-s', tmp_path), 'val')
 
 
 # ---------------------------------------------------------------- layout errors
@@ -473,7 +473,7 @@ def test_missing_layout_errors(tmp_path, monkeypatch, name, make, remove):
     target = os.path.join('data', remove)
     shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
     with pytest.raises(D.PPAPError) as e:
-        D.build_real_dataset(cfg(name, data_dir), 'val')
+        D.build_dataset(cfg(name, data_dir), 'val')
     msg = str(e.value)
     assert '\n' not in msg
     assert msg.startswith(f'missing {os.path.join(data_dir, remove)} — run: bash download.sh {name} {data_dir}')
@@ -481,16 +481,16 @@ def test_missing_layout_errors(tmp_path, monkeypatch, name, make, remove):
 
 def test_unknown_split_and_dataset(tmp_path):
     with pytest.raises(D.PPAPError):
-        D.build_real_dataset(cfg('cocostuff', tmp_path), 'test')
+        D.build_dataset(cfg('cocostuff', tmp_path), 'test')
     with pytest.raises(D.PPAPError):
-        D.build_real_dataset(cfg('imagenet-s77', tmp_path), 'val')
+        D.build_dataset(cfg('imagenet-s77', tmp_path), 'val')
 
 
 def test_missing_listed_file_errors(tmp_path, monkeypatch):
     ids = make_coco(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     os.remove(f"data/cocostuff/annotations/val2017/{ids['val2017'][1]}.png")
-    ds = D.build_real_dataset(cfg("cocostuff", "data"), "val")
+    ds = D.build_dataset(cfg("cocostuff", "data"), "val")
     ds[0]
     with pytest.raises(D.PPAPError, match=f"^missing data/cocostuff/annotations/val2017/{ids['val2017'][1]}.png"
                                           " — run: bash download.sh cocostuff data$"):
@@ -499,7 +499,7 @@ def test_missing_listed_file_errors(tmp_path, monkeypatch):
     for workers in (1, 2):
         with pytest.raises(D.PPAPError, match=f"^missing data/cocostuff/images/train2017/{ids['train2017'][2]}.jpg"
                                               " — run: bash download.sh cocostuff data$"):
-            D.build_real_dataset(cfg("cocostuff", "data", crop_workers=workers), "train")
+            D.build_dataset(cfg("cocostuff", "data", crop_workers=workers), "train")
     assert not os.path.exists("data/cropped/cocostuff_five_crop_0.5")
 
 
@@ -551,7 +551,7 @@ def test_cli_missing_folder_message(tmp_path, monkeypatch, capsys):
 
 def test_damaged_five_crop_set_message(tmp_path):
     make_coco(tmp_path, n_train=1)
-    ds = D.build_real_dataset(cfg("cocostuff", tmp_path), "train")
+    ds = D.build_dataset(cfg("cocostuff", tmp_path), "train")
     out = D.five_crop_dir(str(tmp_path), "cocostuff")
     os.remove(os.path.join(out, "img", "train", "3.jpg"))
     with pytest.raises(D.PPAPError, match=f"delete {out} to rebuild"):
@@ -569,7 +569,7 @@ def test_five_crop_jpegs_use_pillows_default_encoding_and_old_caches_are_rebuilt
     A cache built with another encoding (our version 1: quality 95, 4:4:4) is rebuilt, not reused."""
     make_coco(tmp_path, n_train=1)
     pairs = D.cocostuff_pairs(str(tmp_path), 'train')
-    out = D.build_five_crop('cocostuff', 'cocostuff', pairs, str(tmp_path), workers=1, progress=False)
+    out = D.build_five_crop('cocostuff', D.read_cocostuff, pairs, str(tmp_path), workers=1, progress=False)
     ref = io.BytesIO()
     Image.new('RGB', (64, 48), (90, 120, 30)).save(ref, format='JPEG')
     default_tables, default_sampling = _jpeg_encoding(ref)
@@ -583,11 +583,11 @@ def test_five_crop_jpegs_use_pillows_default_encoding_and_old_caches_are_rebuilt
     json.dump(old, open(os.path.join(out, 'DONE.json'), 'w'))
     Image.new('RGB', (8, 8)).save(os.path.join(out, 'img', 'train', '0.jpg'), format='JPEG', quality=95,
                                   subsampling=0)
-    D.build_five_crop('cocostuff', 'cocostuff', pairs, str(tmp_path), workers=1, progress=False)
+    D.build_five_crop('cocostuff', D.read_cocostuff, pairs, str(tmp_path), workers=1, progress=False)
     assert json.load(open(os.path.join(out, 'DONE.json'))) == manifest
     assert _jpeg_encoding(os.path.join(out, 'img', 'train', '0.jpg')) == (default_tables, 2)
     # higher quality is opt-in, in a folder of its own
-    hq = D.build_five_crop('cocostuff', 'cocostuff', pairs, str(tmp_path), workers=1, progress=False, quality=95)
+    hq = D.build_five_crop('cocostuff', D.read_cocostuff, pairs, str(tmp_path), workers=1, progress=False, quality=95)
     assert hq.endswith('cocostuff_five_crop_0.5_q95') and hq != out
     tables, sampling = _jpeg_encoding(os.path.join(hq, 'img', 'train', '0.jpg'))
     assert sampling == 0 and tables != default_tables                    # 4:4:4, other tables
@@ -599,7 +599,7 @@ def test_a_val_label_of_the_wrong_size_is_an_error(tmp_path):
     ids = make_coco(tmp_path, n_train=1, n_val=1)
     lab = tmp_path / 'cocostuff' / 'annotations' / 'val2017' / f"{ids['val2017'][0]}.png"
     Image.fromarray(np.zeros((40, 30), np.uint8)).save(lab)
-    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'val')
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'val')
     with pytest.raises(D.PPAPError, match=r"label .* is 30x40 but image .* is \d+x\d+"):
         ds[0]
 
@@ -610,21 +610,21 @@ def test_an_rgb_label_is_named_as_such(tmp_path):
     h, w = np.asarray(Image.open(lab)).shape
     Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(lab)
     with pytest.raises(D.PPAPError, match=r"has 3 channels \(an RGB picture\?\)"):
-        D.build_real_dataset(cfg('cocostuff', tmp_path), 'val')[0]
+        D.build_dataset(cfg('cocostuff', tmp_path), 'val')[0]
 
 
 def test_truncated_and_undecodable_images_name_the_file(tmp_path):
     ids = make_coco(tmp_path, n_train=1, n_val=2)
     img = tmp_path / 'cocostuff' / 'images' / 'val2017' / f"{ids['val2017'][0]}.jpg"
     img.write_bytes(img.read_bytes()[:300])
-    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'val')
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'val')
     with pytest.raises(D.PPAPError, match=f"^cannot read {img}: "):
         ds[0]
     # a truncated source image of the train split: the five-crop build names it too
     src = tmp_path / 'cocostuff' / 'images' / 'train2017' / f"{ids['train2017'][0]}.jpg"
     src.write_bytes(src.read_bytes()[:300])
     with pytest.raises(D.PPAPError, match=f"^cannot read {src}: .* run: bash download.sh cocostuff"):
-        D.build_real_dataset(cfg('cocostuff', tmp_path), 'train')
+        D.build_dataset(cfg('cocostuff', tmp_path), 'train')
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
@@ -640,12 +640,12 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
 
 def test_a_replaced_source_label_rebuilds_its_crops(tmp_path):
     ids = make_coco(tmp_path, n_train=1)
-    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'train')
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'train')
     lab = tmp_path / 'cocostuff' / 'annotations' / 'train2017' / f"{ids['train2017'][0]}.png"
     fine = np.asarray(Image.open(lab))
     Image.fromarray(np.full_like(fine, 95)).save(lab)                           # fine 95 -> coarse 20
     os.utime(lab, ns=(1, 1))                                                   # even with an old timestamp
-    ds = D.build_real_dataset(cfg('cocostuff', tmp_path), 'train')
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'train')
     assert (ds[0]['label'] == int(D._COCO_LUT[95])).all()
 
 
@@ -659,4 +659,4 @@ def test_a_read_only_data_dir_without_a_crop_cache_is_one_line(tmp_path, monkeyp
         return real(path, *a, **kw)
     monkeypatch.setattr(os, 'makedirs', read_only)
     with pytest.raises(D.PPAPError, match=r'cannot create the five-crop cache .* \(Permission denied\); .* writable'):
-        D.build_real_dataset(cfg('cocostuff', tmp_path), 'train')
+        D.build_dataset(cfg('cocostuff', tmp_path), 'train')

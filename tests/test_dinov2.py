@@ -126,12 +126,12 @@ def loaded(model, sd, tmp_path, name="w.pth"):
 def test_constructors_have_the_released_keys_and_shapes(arch, no_init):
     D, depth, heads, n_reg, offset, antialias = REAL[arch]
     with torch.device("meta"):            # shapes only: no memory
-        m = ppap.ARCHS[arch]()
+        m = ppap.new_backbone(arch, 14)
     assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == released_shapes(D, depth, n_reg)
     assert list(m.state_dict()) == list(released_shapes(D, depth, n_reg))     # and DINOv2's order
     assert (m.patch_size, m.n_prefix, m.interp_offset, m.interp_antialias) == (14, 1 + n_reg, offset, antialias)
-    assert ppap.ARCH_PATCHES[arch] == (14,)
-    assert os.path.basename(ppap.DINOV2_FILES[(arch, 14)]) == \
+    assert ppap.BACKBONES[arch].patches == (14,)
+    assert os.path.basename(ppap.BACKBONES[arch].weights[14]) == \
         f"{arch.removesuffix('_reg')}{'_reg4' if n_reg else ''}_pretrain.pth"
 
 
@@ -191,7 +191,7 @@ SIZES = [("dinov2_vits14_reg", 224)] + ([("dinov2_vits14", 224), ("dinov2_vits14
 def test_released_architectures_equal_explicit_dinov2(tmp_path, no_init, arch, size):
     D, depth, heads, n_reg, offset, antialias = REAL[arch]
     sd = released_state_dict(D, depth, n_reg, seed=3)
-    m = loaded(ppap.ARCHS[arch](), sd, tmp_path)
+    m = loaded(ppap.new_backbone(arch, 14), sd, tmp_path)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ours = m.tokens(x)

@@ -258,7 +258,7 @@ _BLOCK_KEYS = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias",
 
 def _random_model(arch, n_classes, seed):
     torch.manual_seed(seed)
-    m = ppap.PPAP(ppap.ARCHS[arch](8), n_classes)
+    m = ppap.PPAP(ppap.new_backbone(arch, 8), n_classes)
     with torch.no_grad():                 # make every trainable part non-trivial
         for p in list(m.head.parameters()) + list(m.proj.parameters()) + list(m.linear_probe.parameters()):
             p.add_(0.05 * torch.randn_like(p))
@@ -486,7 +486,7 @@ def test_crf_plumbing_with_stub(monkeypatch):
 
 def test_crf_unavailable_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "ext", None)                 # "import ext" raises ImportError
-    with pytest.raises(ev.EvalError, match="^CRF unavailable: "):
+    with pytest.raises(ppap.PPAPError, match="^CRF unavailable: "):
         ev.load_crf()
     rc = ev.main(["--run", str(tmp_path), "--crf"])
     err = capsys.readouterr().err.strip().splitlines()

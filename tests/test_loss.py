@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ppap
-from reference_loss import reference_ppap_loss
+from reference_loss import ppap_loss_at, propagate, reference_ppap_loss
 
 COCO = dict(phi0=0.55, psi0=0.20, prop_iter=0, sigma_pos=3, sigma_amb=3, tau=0.8)
 
@@ -32,7 +32,7 @@ def test_hand_built_sets_and_loss():
     torch.manual_seed(0)
     z = F.normalize(torch.randn(8, 5), dim=1).requires_grad_()
     anchors = torch.tensor([[0]])
-    loss, stats = ppap.ppap_loss(z, f, anchors, group=8, **COCO)
+    loss, stats = ppap_loss_at(z, f, anchors, group=8, **COCO)
     assert stats == {"positives": 2.0, "negatives": 3.0}
     l = [(z[0] @ z[j]).item() / 0.8 for j in range(8)]
     log_denom = math.log(sum(math.exp(l[k]) for k in (1, 2, 4, 5, 6)))    # ambiguous 3, 7 left out
@@ -43,7 +43,7 @@ def test_hand_built_sets_and_loss():
 def test_no_ambiguity_makes_every_non_positive_a_negative():
     f = hand_features()
     z = F.normalize(torch.randn(8, 5), dim=1)
-    loss, stats = ppap.ppap_loss(z, f, torch.tensor([[0]]), group=8, no_ambiguity=True, **COCO)
+    loss, stats = ppap_loss_at(z, f, torch.tensor([[0]]), group=8, no_ambiguity=True, **COCO)
     assert stats == {"positives": 2.0, "negatives": 5.0}
     l = [(z[0] @ z[j]).item() / 0.8 for j in range(8)]
     log_denom = math.log(sum(math.exp(l[k]) for k in range(1, 8)))
@@ -63,8 +63,8 @@ def test_propagation_moves_proxy_and_boundaries():
                                   [0.0, 0.68, -0.733, 0.0],
                                   [-1.0, 0.0, 0.0, 0.0]]), dim=1)
     kw = dict(phi0=0.55, psi0=0.2, sigma_pos=3, sigma_amb=3)
-    pos0, neg0, _, _ = ppap.propagate(f, torch.tensor([0]), prop_iter=0, **kw)
-    pos1, neg1, _, _ = ppap.propagate(f, torch.tensor([0]), prop_iter=1, **kw)
+    pos0, neg0, _, _ = propagate(f, torch.tensor([0]), prop_iter=0, **kw)
+    pos1, neg1, _, _ = propagate(f, torch.tensor([0]), prop_iter=1, **kw)
     # by hand: proxy = normalise(mean of rows {0,1,2}); moved = 1 - cos(anchor, proxy)
     v = F.normalize(f[[0, 1, 2]].mean(0), dim=0)
     moved = 1 - (v @ f[0]).item()
@@ -82,15 +82,15 @@ def test_propagation_moves_proxy_and_boundaries():
 def test_anchor_without_positives_contributes_nothing():
     f = torch.eye(8)                                          # every pair orthogonal: no positives at all
     z = F.normalize(torch.randn(8, 8), dim=1).requires_grad_()
-    loss, stats = ppap.ppap_loss(z, f, torch.tensor([[0, 3]]), group=8, **COCO)
+    loss, stats = ppap_loss_at(z, f, torch.tensor([[0, 3]]), group=8, **COCO)
     loss.backward()
     assert loss.item() == 0 and stats["positives"] == 0
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() == 0
     # one anchor with positives, one without: the mean is over the anchor that has them
     f2 = hand_features().clone()
     f2[5] = torch.tensor([0.0, 0.0, 0.0, -1.0])
-    l_both, _ = ppap.ppap_loss(z, f2, torch.tensor([[0, 5]]), group=8, **COCO)
-    l_one, _ = ppap.ppap_loss(z, f2, torch.tensor([[0]]), group=8, **COCO)
+    l_both, _ = ppap_loss_at(z, f2, torch.tensor([[0, 5]]), group=8, **COCO)
+    l_one, _ = ppap_loss_at(z, f2, torch.tensor([[0]]), group=8, **COCO)
     assert l_both.item() == pytest.approx(l_one.item(), rel=1e-6)
 
 
@@ -98,7 +98,7 @@ def test_gradients_reach_z_only():
     torch.manual_seed(1)
     f = torch.randn(3 * 16, 8, requires_grad=True)
     z = F.normalize(torch.randn(3 * 16, 8), dim=1).requires_grad_()
-    loss, _ = ppap.ppap_loss(z, f, ppap.draw_anchors(48, 16, 4), group=16, **{**COCO, "phi0": 0.3})
+    loss, _ = ppap_loss_at(z, f, ppap.draw_anchors(48, 16, 4), group=16, **{**COCO, "phi0": 0.3})
     loss.backward()
     assert f.grad is None and z.grad is not None and z.grad.abs().sum() > 0
 
@@ -117,7 +117,7 @@ def test_matches_reference_for_every_preset(preset):
     f = clustered(N, 32)
     z = F.normalize(torch.randn(N, 32, generator=torch.Generator().manual_seed(3)), dim=1).requires_grad_()
     anchors = ppap.draw_anchors(N, 784, 784 // p["trainpatchsplit"], torch.Generator().manual_seed(4))
-    ours, s1 = ppap.ppap_loss(z, f, anchors, **hp)
+    ours, s1 = ppap_loss_at(z, f, anchors, **hp)
     g1, = torch.autograd.grad(ours, z)
     ref, s2 = reference_ppap_loss(z, f, anchors, **hp)
     g2, = torch.autograd.grad(ref, z)
@@ -134,8 +134,8 @@ def test_chunking_changes_nothing(no_ambiguity):
     z = F.normalize(torch.randn(N, 16), dim=1).requires_grad_()
     anchors = ppap.draw_anchors(N, 784, 49)
     kw = dict(phi0=0.55, psi0=0.2, prop_iter=2, sigma_pos=3, sigma_amb=3, tau=0.8, no_ambiguity=no_ambiguity)
-    big, _ = ppap.ppap_loss(z, f, anchors, **kw)
-    small, _ = ppap.ppap_loss(z, f, anchors, chunk_elems=7 * N, **kw)    # 7 anchors per chunk
+    big, _ = ppap_loss_at(z, f, anchors, **kw)
+    small, _ = ppap_loss_at(z, f, anchors, chunk_elems=7 * N, **kw)    # 7 anchors per chunk
     gb, = torch.autograd.grad(big, z)
     gs, = torch.autograd.grad(small, z)
     assert big.item() == pytest.approx(small.item(), rel=1e-6)
@@ -150,8 +150,8 @@ def test_phi_psi_start_from_float16_like_the_authors():
     s = 0.5499
     f = torch.tensor([[1.0, 0.0], [s, math.sqrt(1 - s * s)]])
     kw = dict(phi0=0.55, psi0=0.2, sigma_pos=3, sigma_amb=3)
-    pos0, *_ = ppap.propagate(f, torch.tensor([0]), prop_iter=0, **kw)
-    pos1, *_ = ppap.propagate(f, torch.tensor([0]), prop_iter=1, **kw)   # proxy = anchor: nothing moves
+    pos0, *_ = propagate(f, torch.tensor([0]), prop_iter=0, **kw)
+    pos1, *_ = propagate(f, torch.tensor([0]), prop_iter=1, **kw)   # proxy = anchor: nothing moves
     assert not pos0[0, 1] and pos1[0, 1]
 
 
@@ -172,14 +172,14 @@ def test_custom_backward_equals_plain_autograd():
     z = F.normalize(torch.randn(N, 24, generator=torch.Generator().manual_seed(5)), dim=1).requires_grad_()
     anchors = ppap.draw_anchors(N, 784, 49, torch.Generator().manual_seed(6))
     for hp in (dict(COCO, prop_iter=2), dict(phi0=0.5, psi0=0.45, prop_iter=3, sigma_pos=0.3, sigma_amb=0.3, tau=0.1)):
-        ours, _ = ppap.ppap_loss(z, f, anchors, chunk_elems=40 * N, **hp)
+        ours, _ = ppap_loss_at(z, f, anchors, chunk_elems=40 * N, **hp)
         ref, _ = autograd_ppap_loss(z, f, anchors, chunk_elems=40 * N, **hp)
         g1, = torch.autograd.grad(ours, z)
         g2, = torch.autograd.grad(ref, z)
         assert ours.item() == ref.item()
         assert (g1 - g2).abs().max() <= 1e-6 * g2.abs().max()
     # the crossing case really crosses: some sample is both above Phi and below Psi
-    pos, neg, _, _ = ppap.propagate(F.normalize(f, dim=1), anchors[0], phi0=0.5, psi0=0.45, prop_iter=3,
+    pos, neg, _, _ = propagate(F.normalize(f, dim=1), anchors[0], phi0=0.5, psi0=0.45, prop_iter=3,
                                     sigma_pos=0.3, sigma_amb=0.3)
     assert (pos & neg).any()
 
@@ -192,12 +192,12 @@ def test_groups_split_across_processes_sum_to_the_whole():
     z = F.normalize(torch.randn(N, 16, generator=torch.Generator().manual_seed(7)), dim=1).requires_grad_()
     anchors = ppap.draw_anchors(N, 784, 49, torch.Generator().manual_seed(8))
     hp = dict(COCO, prop_iter=2)
-    whole, s = ppap.ppap_loss(z, f, anchors, **hp)
+    whole, s = ppap_loss_at(z, f, anchors, **hp)
     g, = torch.autograd.grad(whole, z)
-    parts = [ppap.ppap_loss(z, f, anchors[k:k + 2], groups=torch.arange(k, k + 2), n_groups_total=4, **hp)
+    parts = [ppap_loss_at(z, f, anchors[k:k + 2], groups=torch.arange(k, k + 2), n_groups_total=4, **hp)
              for k in (0, 2)]
     total = parts[0][0] + parts[1][0]
     g2, = torch.autograd.grad(total, z)
     assert total.item() == pytest.approx(whole.item(), rel=1e-6)
     assert (g - g2).abs().max() <= 1e-6 * g.abs().max()
-    assert (parts[0][1]["positives"] + parts[1][1]["positives"]) / 2 == pytest.approx(s["positives"])
+    assert parts[0][1]["positives"] + parts[1][1]["positives"] == pytest.approx(s["positives"])   # shares

@@ -142,16 +142,31 @@ def test_demo_ppap_beats_probes_on_unchanged_head(tmp_path):
 
 # ---------------------------------------------------------------- the shape of ppap.py and its CLI
 
-def test_method_comes_first_in_ppap_py():
-    """The loss is defined before any dataset code and within the first 650 lines (a forker reads the
-    method top to bottom; the plumbing follows it)."""
+def test_ppap_py_reads_method_first():
+    """ppap.py's sections in reading order: the method (config, backbone contract, branches, loss, step, loop,
+    evaluation protocol), then the machinery (DINOv2, backbone registry and weights, datasets, checkpoints,
+    torchrun helpers), then the CLI; each definition of the method inside its own section."""
     lines = open(os.path.join(ROOT, "ppap.py")).read().splitlines()
-    at = {name: next(i for i, l in enumerate(lines, 1) if l.startswith(name))
-          for name in ("def ppap_loss", "def train_step", "class SyntheticDataset", "class RealSegDataset",
-                       "def build_five_crop", "def main")}
-    assert at["def ppap_loss"] <= 650
-    assert at["def ppap_loss"] < at["def train_step"] < at["class SyntheticDataset"] < at["def main"]
-    assert at["def ppap_loss"] < min(at["class RealSegDataset"], at["def build_five_crop"])
+    banners = [(i, l[len("# ==== "):]) for i, l in enumerate(lines) if l.startswith("# ==== ")]
+    order = ["CONFIG", "THE BACKBONE CONTRACT", "BRANCHES", "PROPAGATION AND LOSS", "TRAIN STEP", "TRAINING LOOP",
+             "THE EVALUATION PROTOCOL", "SUPPORT: DINOv2", "SUPPORT: the backbone registry", "SUPPORT: datasets",
+             "SUPPORT: checkpoints", "SUPPORT: devices, and several processes", "CLI"]
+    assert len(banners) == len(order) and all(t.startswith(o) for (_, t), o in zip(banners, order)), banners
+    method_end = next(i for i, l in enumerate(lines) if "MACHINERY" in l and l.startswith("# ====="))
+    assert banners[6][0] < method_end < banners[7][0]
+
+    def section(definition):
+        at = next(i for i, l in enumerate(lines) if l.startswith(definition))
+        return [t for i, t in banners if i < at][-1]
+    where = {"class Config": "CONFIG", "def features": "THE BACKBONE CONTRACT", "class PPAP(": "BRANCHES",
+             "class PPAPLoss": "PROPAGATION AND LOSS", "def build_loss": "PROPAGATION AND LOSS",
+             "def train_step": "TRAIN STEP", "def train_loop": "TRAINING LOOP", "def evaluate": "THE EVALUATION",
+             "class DinoV2ViT": "SUPPORT: DINOv2", "BACKBONES = ": "SUPPORT: the backbone registry",
+             "DATASETS = ": "SUPPORT: datasets", "class SyntheticDataset": "SUPPORT: datasets",
+             "def save_checkpoint": "SUPPORT: checkpoints", "def gather_rows": "SUPPORT: devices",
+             "def main": "CLI"}
+    for definition, title in where.items():
+        assert section(definition.replace("def features", "    def features")).startswith(title), definition
 
 
 def _help(capsys, *argv):
@@ -224,9 +239,10 @@ def test_progress_bar_shows_whatever_the_loss_reports(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "positives=" in err and "ppap=" in err and "train" in err
 
-    def stand_in(z, f, anchors, **kw):            # a fork's loss with statistics of its own
-        return (z[:, 0] ** 2).mean(), {"purity": 0.25}
-    monkeypatch.setattr(ppap, "ppap_loss", stand_in)
+    class StandIn(ppap.PPAPLoss):                 # a fork's loss with statistics of its own
+        def __call__(self, z, f, generator=None, part=(0, 1)):
+            return (z[:, 0] ** 2).mean(), {"purity": 0.25}
+    monkeypatch.setattr(ppap, "build_loss", StandIn)
     assert ppap.main(TINY[:-3] + ["--num-workers", "0", "--progress", "--max-steps", "2", "--val-every", "0",
                                   "--run", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
@@ -461,7 +477,7 @@ def test_fresh_torch_home_gets_its_checkpoints_folder(tmp_path, monkeypatch):
         torch.save(ppap.vit_small(16).state_dict(), path)
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     vit = ppap.build_backbone(ppap.make_config({"data": "cocostuff", "patch": 16, "progress": False}))
-    assert fetched == [ppap.DINO_URL + ppap.DINO_FILES[("vit_small", 16)]] and vit.patch_size == 16
+    assert fetched == [ppap.BACKBONES["vit_small"].weights[16]] and vit.patch_size == 16
 
 
 def test_a_malformed_pos_embed_is_one_line(tmp_path):
@@ -494,8 +510,10 @@ def test_the_scaler_unscales_before_clipping():
     scaled = torch.amp.GradScaler("cpu", init_scale=1024.0)
     plain = torch.amp.GradScaler("cpu", enabled=False)
     st1 = ppap.train_step(model, batch, ppap.build_optimizers(cfg, model), scaled, cfg, torch.device("cpu"),
+                          ppap.build_loss(cfg),
                           torch.Generator().manual_seed(1))
     st2 = ppap.train_step(twin, batch, ppap.build_optimizers(cfg, twin), plain, cfg, torch.device("cpu"),
+                          ppap.build_loss(cfg),
                           torch.Generator().manual_seed(1))
     assert st1["grad_norm"] > 0.05                                    # the clip is active
     assert st1["grad_norm"] == pytest.approx(st2["grad_norm"], rel=1e-3)
@@ -519,13 +537,12 @@ class _InfGrad(torch.autograd.Function):
 @pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
 def test_a_step_with_non_finite_gradients_is_skipped(amp_dtype, monkeypatch):
     cfg, model, batch = _step_setup(amp_dtype)
-    real = ppap.contrastive_loss
-    monkeypatch.setattr(ppap, "contrastive_loss",
-                        lambda cfg, z, f, gen=None, part=(0, 1): real(cfg, _InfGrad.apply(z), f, gen, part))
+    real = ppap.build_loss(cfg)
+    criterion = lambda z, f, gen=None, part=(0, 1): real(_InfGrad.apply(z), f, gen, part)     # noqa: E731
     before = copy.deepcopy(model.state_dict())
     scaler = ppap.make_scaler(cfg, "cpu")
     assert scaler.is_enabled() == (amp_dtype == "fp16")
-    st = ppap.train_step(model, batch, ppap.build_optimizers(cfg, model), scaler, cfg, torch.device("cpu"))
+    st = ppap.train_step(model, batch, ppap.build_optimizers(cfg, model), scaler, cfg, torch.device("cpu"), criterion)
     assert st["skipped"] == 1 and math.isfinite(st["loss"])
     for k, v in model.state_dict().items():                            # head and projection did not step
         if k.startswith(("head.", "proj.")):
