@@ -662,7 +662,7 @@ EOF
   run "$PY" - "$IMAGENET_DIR" "$DATA_DIR/imagenet-s/ImageNetS$k" <<'PYEOF'
 import os, sys
 src, root = sys.argv[1:3]
-linked = missing = 0
+linked = relinked = missing = 0
 for split, where in (('validation', 'val'), ('train-semi', 'train')):
     seg = os.path.join(root, split + '-segmentation')
     if not os.path.isdir(seg):
@@ -681,9 +681,16 @@ for split, where in (('validation', 'val'), ('train-semi', 'train')):
                 missing += 1
                 continue
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.symlink(os.path.abspath(index[stem]), dst)
+            # a link into where ImageNet used to be dangles: exists() is False, yet the name is taken
+            relinked += os.path.lexists(dst)
+            tmp = dst + '.tmp'
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.symlink(os.path.abspath(index[stem]), tmp)
+            os.replace(tmp, dst)
             linked += 1
-print('[download.sh] linked %d images, %d not found under %s' % (linked, missing, src))
+print('[download.sh] linked %d images (%d replacing dangling links), %d not found under %s'
+      % (linked, relinked, missing, src))
 PYEOF
 }
 

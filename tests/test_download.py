@@ -617,3 +617,22 @@ def test_checkpoints_over_http(tmp_path, fake_drive, ckpt_bytes, downloader, sty
         assert ranges == ["bytes=70000-"], FakeDrive.log                       # resumed, not restarted
     if style in ("link", "cookie"):                                           # the cookie went back
         assert all(c and "download_warning_13058" in c for path, q, r, c in FakeDrive.log if "confirm" in q)
+
+
+def test_imagenet_s_relinks_after_imagenet_moved(tmp_path):
+    root = fake_tree(str(tmp_path / "data"), "imagenet-s")
+    shutil.rmtree(os.path.join(root, "ImageNetS50", "validation"))
+    shutil.rmtree(os.path.join(root, "ImageNetS50", "train-semi"))
+    inet = tmp_path / "imagenet"
+    touch(str(inet / "val" / "x_validation.JPEG"), b"v")
+    touch(str(inet / "train" / "n01443537" / "x_train-semi.JPEG"), b"t")
+    assert sh("imagenet-s", "data", cwd=tmp_path, IMAGENET_DIR=str(inet)).returncode == 0
+    os.rename(inet, tmp_path / "moved")                       # the links now dangle
+    p = sh("imagenet-s", "data", "--check-only", cwd=tmp_path)
+    assert p.returncode == 1 and "IMAGENET_DIR=<ImageNet-1k dir> bash download.sh imagenet-s data" in p.stderr
+    p = sh("imagenet-s", "data", cwd=tmp_path, IMAGENET_DIR=str(tmp_path / "moved"))   # what that says
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "linked 2 images (2 replacing dangling links)" in p.stdout
+    img = os.path.join(root, "ImageNetS50", "validation", "n01443537", "x_validation.JPEG")
+    assert os.readlink(img) == str(tmp_path / "moved" / "val" / "x_validation.JPEG")
+    assert open(img, "rb").read() == b"v"
