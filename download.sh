@@ -80,9 +80,12 @@ options:
   -h, --help     this help
 
 Transfers resume: an interrupted download continues from DATA_DIR/.downloads/<file>.part, or from
-<file>.part next to a weight or checkpoint (curl -C - / wget -c).  Sizes are compared with the
-server's Content-Length, archives are tested before extraction, and weights and checkpoints must
-start like a torch checkpoint (a zip or a pickle), so an HTML error page is never kept.
+<file>.part next to a weight or checkpoint (curl -C - / wget -c), if that file starts like what is
+expected (a zip archive; a torch checkpoint: a zip or a pickle); otherwise, and when the server cannot
+resume, the transfer starts over.  Sizes are compared with the server's Content-Length (not with an
+error answer's), a zip must end with its central directory (a transfer cut short keeps its .part to
+resume), archives are tested before extraction, and an HTML error page is never kept.  A whole file
+already in place is kept, whatever the server answers.
 DOWNLOADER=curl|wget forces a client; PYTHON selects the interpreter used for zip fallbacks, file
 checks and reading Google Drive's confirmation page (default python3).  PPAP_STEGO_MIRROR,
 PPAP_DINO_BASE, PPAP_DINOV2_BASE, PPAP_IMAGENET_S_BASE, PPAP_DRIVE_BASE and PPAP_DRIVE_CONFIRM_BASE
@@ -152,84 +155,68 @@ pick_downloader() {
 
 file_size() { if [ -f "$1" ]; then wc -c <"$1" | tr -d ' '; else echo 0; fi; }
 
-remote_size() {  # Content-Length of $1 after redirects, or empty when the server does not say
-  local url="$1" out=""; shift
-  if [ "$DL" = curl ]; then
-    out=$(curl -sSIL --max-time 60 "$@" "$url" 2>/dev/null || true)
-  else
-    out=$(wget --spider -S --max-redirect=20 --timeout=60 "$@" "$url" 2>&1 || true)
-  fi
-  printf '%s\n' "$out" | tr -d '\r' | awk 'tolower($1)=="content-length:" && $2 ~ /^[0-9]+$/ {n=$2} END {print n}'
-}
-
-fetch() {  # fetch URL DEST [extra client args]: resumable, size-checked, atomic rename at the end
-  local url="$1" dest="$2"; shift 2
-  local part="$dest.part" want have
-  run mkdir -p "$(dirname "$dest")"
-  if [ "$DRY_RUN" = 1 ]; then
-    if [ "$DL" = curl ]; then run curl -fL --retry 5 --retry-delay 5 -C - "$@" -o "$part" "$url"
-    else run wget -c --tries=5 "$@" -O "$part" "$url"; fi
-    run mv -f "$part" "$dest"
-    return 0
-  fi
-  want=$(remote_size "$url" "$@")
-  if [ -f "$dest" ]; then
-    if [ -z "$want" ] || [ "$(file_size "$dest")" = "$want" ]; then say "have $dest"; return 0; fi
-    say "$dest has $(file_size "$dest") bytes, server says $want: resuming it"
-    mv -f "$dest" "$part"
-  fi
-  if [ -n "$want" ] && [ "$(file_size "$part")" -gt "$want" ]; then
-    say "$part is larger than the remote file: starting over"; rm -f "$part"
-  fi
-  if [ -n "$want" ] && [ -f "$part" ] && [ "$(file_size "$part")" = "$want" ]; then
-    say "$part already complete"
-  else
-    say "fetching $url -> $dest${want:+ ($want bytes)}"
-    if [ "$DL" = curl ]; then curl -fL --retry 5 --retry-delay 5 -C - "$@" -o "$part" "$url" \
-      || fail "download failed, $DL exit status $? ($url) -> run the same command again to resume from $part"
-    else wget -c --tries=5 "$@" -O "$part" "$url" \
-      || fail "download failed, $DL exit status $? ($url) -> run the same command again to resume from $part"; fi
-  fi
-  have=$(file_size "$part")
-  if [ -n "$want" ] && [ "$have" != "$want" ]; then
-    fail "$part has $have bytes, expected $want ($url) -> run the same command again to resume"
-  fi
-  if [ -n "$VERIFY" ] && ! "$VERIFY" "$part"; then
-    local what; what=$(describe "$part"); rm -f "$part"
-    fail "$(basename "$dest") came as $what, not a torch checkpoint ($url) -> check the address (PPAP_*_BASE) and run the same command again"
-  fi
-  mv -f "$part" "$dest"
-}
-VERIFY=""   # set to ckpt_ok while fetching weights
-
-# ---------------------------------------------------------------- torch checkpoints, Google Drive
-ckpt_magic() {  # the first 4 bytes of $1 in hex
+# ---------------------------------------------------------------- what a file is
+magic() {  # the first 4 bytes of $1 in hex
   head -c 4 "$1" 2>/dev/null | od -An -tx1 | tr -d ' \n'
 }
-ckpt_start_ok() {  # $1 starts like torch.save output: a zip (PK\3\4) or a pickle (protocol 2-5)
-  case "$(ckpt_magic "$1")" in 504b0304|8002*|8003*|8004*|8005*) return 0 ;; *) return 1 ;; esac
+zip_start_ok() {  # $1 starts like a zip: a local file header (PK\3\4) or a spanning marker (PK\7\8)
+  case "$(magic "$1")" in 504b0304|504b0708) return 0 ;; *) return 1 ;; esac
 }
-ckpt_ok() {  # $1 is a whole torch checkpoint: it starts right and, as a zip, has its central directory
-  ckpt_start_ok "$1" || return 1
-  [ "$(ckpt_magic "$1")" = 504b0304 ] || return 0
-  # torch.save writes no zip comment: the end-of-central-directory record is the last 22 bytes
+zip_whole() {  # $1 is a zip with its end-of-central-directory record, which a cut-short transfer lacks
+  zip_start_ok "$1" || return 1
+  # torch.save writes no zip comment: the record is then the last 22 bytes
   [ "$(tail -c 22 "$1" | head -c 4 | od -An -tx1 | tr -d ' \n')" != 504b0506 ] || return 0
   [ -n "$PY" ] || return 1
   "$PY" -c 'import sys, zipfile; sys.exit(0 if zipfile.is_zipfile(sys.argv[1]) else 1)' "$1" 2>/dev/null
 }
+ckpt_start_ok() {  # $1 starts like torch.save output: a zip (PK\3\4) or a pickle (protocol 2-5)
+  case "$(magic "$1")" in 504b0304|8002*|8003*|8004*|8005*) return 0 ;; *) return 1 ;; esac
+}
+ckpt_ok() {  # $1 is a whole torch checkpoint as far as can be told (a legacy pickle has no end marker)
+  ckpt_start_ok "$1" || return 1
+  [ "$(magic "$1")" = 504b0304 ] || return 0
+  zip_whole "$1"
+}
 part_whole() {  # $1 is a zip checkpoint with its central directory: whole (a pickle cannot tell)
-  [ "$(ckpt_magic "$1")" = 504b0304 ] && ckpt_ok "$1"
+  [ "$(magic "$1")" = 504b0304 ] && zip_whole "$1"
+}
+# fetch handles two kinds of file: zip (a dataset archive) and ckpt (a torch checkpoint)
+kind_name() { case "$1" in zip) echo "zip archive" ;; ckpt) echo "torch checkpoint" ;; esac; }
+starts_as() {  # starts_as KIND FILE: FILE begins like a KIND, so it may be one or the start of one
+  case "$1" in zip) zip_start_ok "$2" ;; ckpt) ckpt_start_ok "$2" ;; esac
+}
+whole_as() {  # whole_as KIND FILE: FILE is a whole KIND as far as can be told
+  case "$1" in zip) zip_whole "$2" ;; ckpt) ckpt_ok "$2" ;; esac
 }
 describe() {  # what $1 is, for an error line: "an HTML page ("<title>")", "an empty file", ...
   local title
   if [ ! -s "$1" ]; then echo "an empty file"; return 0; fi
   if head -c 2048 "$1" | tr -d '\000' | grep -qiE '<html|<!doctype|<head|<body|<form|<title'; then
+    # (LC_ALL=C: in a UTF-8 locale sed's .* stops at the binary after a page, which then leaks out)
     title=$(head -c 65536 "$1" | tr -d '\000' | tr '\r\n\t' '   ' \
-      | sed -n 's:.*<[Tt][Ii][Tt][Ll][Ee][^>]*>\([^<]*\)</[Tt][Ii][Tt][Ll][Ee]>.*:\1:p' | sed 's/  */ /g; s/^ //; s/ $//' | head -c 120)
+      | LC_ALL=C sed -n 's:.*<[Tt][Ii][Tt][Ll][Ee][^>]*>\([^<]*\)</[Tt][Ii][Tt][Ll][Ee]>.*:\1:p' | sed 's/  */ /g; s/^ //; s/ $//' | head -c 120)
     echo "an HTML page${title:+ (\"$title\")}"
   else
-    echo "$(file_size "$1") bytes starting with $(ckpt_magic "$1" | sed 's/../& /g; s/ $//')"
+    echo "$(file_size "$1") bytes starting with $(magic "$1" | sed 's/../& /g; s/ $//')"
   fi
+}
+# ---------------------------------------------------------------- transfers
+mirror_hint() {  # the advice when the server at $1's address sends something other than the file
+  echo "open that address in a browser to see why, or set $1 to a copy that has the file, then run the same command again"
+}
+
+remote_size() {  # Content-Length of $1 after redirects; empty when the server does not say or answers an error
+  local url="$1" out="" rc=0; shift
+  if [ "$DL" = curl ]; then out=$(curl -fsSIL --max-time 60 "$@" "$url" 2>/dev/null) || rc=$?
+  else out=$(wget --spider -S --max-redirect=20 --timeout=60 "$@" "$url" 2>&1) || rc=$?; fi
+  # An error page's length (a 403's 110 bytes) is not the file's: believed, it made a whole file look
+  # "larger than the remote file" and get deleted.  curl -f still prints the failed response's headers.
+  [ "$rc" = 0 ] || return 0
+  printf '%s\n' "$out" | tr -d '\r' | awk '
+    { sub(/^[ \t]+/, "") }
+    /^HTTP\// { code = $2; n = ""; next }
+    tolower($1) == "content-length:" && $2 ~ /^[0-9]+$/ { n = $2 }
+    END { if (code == "" || code == "200") print n }'
 }
 
 drive_url() {  # drive_url BASE QUERY: BASE?QUERY; for a file:// BASE (tests): BASE/QUERY with each & as /
@@ -273,6 +260,96 @@ resp_status() {  # the HTTP status of the last response in a header dump, or ""
   tr -d '\r' <"$1" | awk '{ sub(/^[ \t]+/, "") } /^HTTP\// { code = $2 } END { print code }'
 }
 
+get_part() {  # get_part URL PART HEADERS [client args]: dl_get, once more from the start if the server cannot resume
+  local url="$1" part="$2" hdr="$3" had rc=0; shift 3
+  had=$(file_size "$part")
+  dl_get "$url" "$part" "$hdr" "$@" || rc=$?
+  # A server without Range support answers with the whole file: curl then stops (exit 33), and
+  # resuming again can never work
+  if [ "$rc" != 0 ] && [ "$had" -gt 0 ] && { [ "$rc" = 33 ] || [ "$(resp_status "$hdr")" = 200 ]; }; then
+    say "the server cannot resume $part: starting over"
+    rm -f "$part"; rc=0
+    dl_get "$url" "$part" "$hdr" "$@" || rc=$?
+  fi
+  return "$rc"
+}
+
+fetch() {  # fetch KIND HINT URL DEST [client args]: resumable, size- and format-checked, atomic rename at the end
+  # KIND is zip or ckpt (what DEST must be); HINT is the advice when the server sends something else
+  local kind="$1" hint="$2" url="$3" dest="$4"; shift 4
+  local part="$dest.part" noun want have hdr status what rc=0
+  noun=$(kind_name "$kind")
+  run mkdir -p "$(dirname "$dest")"
+  if [ "$DRY_RUN" = 1 ]; then
+    if [ "$DL" = curl ]; then run curl -fL --retry 5 --retry-delay 5 -C - "$@" -o "$part" "$url"
+    else run wget -c --tries=5 "$@" -O "$part" "$url"; fi
+    run mv -f "$part" "$dest"
+    return 0
+  fi
+  want=$(remote_size "$url" "$@")
+  if [ -f "$dest" ]; then
+    if ! starts_as "$kind" "$dest"; then
+      say "$dest is $(describe "$dest"), not a $noun: fetching it again"; rm -f "$dest"
+    elif whole_as "$kind" "$dest"; then
+      # whatever the server says: its size may be of another version, or wrong
+      if [ -n "$want" ] && [ "$(file_size "$dest")" != "$want" ]; then
+        say "keeping $dest, a whole $noun of $(file_size "$dest") bytes (the server's has $want; delete it to fetch that one)"
+      else say "have $dest"; fi
+      return 0
+    else
+      say "$dest is cut short ($(file_size "$dest") bytes${want:+ of $want}): resuming it"; mv -f "$dest" "$part"
+    fi
+  fi
+  if [ -f "$part" ] && ! starts_as "$kind" "$part"; then   # (an error page, say): resumed, it would corrupt the file
+    say "$part is $(describe "$part"), not the start of a $noun: starting over"; rm -f "$part"
+  fi
+  if [ -f "$part" ] && zip_whole "$part"; then   # finished, but not renamed: whatever size the server gives
+    say "$part is a whole $noun: using it"
+  elif [ -n "$want" ] && [ "$(file_size "$part")" = "$want" ]; then
+    say "$part already complete"
+  else
+    if [ -n "$want" ] && [ "$(file_size "$part")" -gt "$want" ]; then
+      say "$part is larger than the remote file: starting over"; rm -f "$part"
+    fi
+    say "fetching $url -> $dest${want:+ ($want bytes)}"
+    hdr=$(mktemp)
+    get_part "$url" "$part" "$hdr" "$@" || rc=$?
+    status=$(resp_status "$hdr"); rm -f "$hdr"
+    if [ "$status" = 416 ]; then   # "range not satisfiable": the .part reaches past the end (wget exits 0)
+      if whole_as "$kind" "$part"; then rc=0
+      else
+        rm -f "$part"   # longer than the server's file and not whole: no start of it
+        fail "$part was longer than the file at $url, and not a whole $noun -> run the same command again to fetch it anew"
+      fi
+    fi
+    if [ "$rc" != 0 ]; then
+      if [ -f "$part" ] && ! starts_as "$kind" "$part"; then rm -f "$part"; fi
+      case "$status" in
+        408|429) ;;
+        4??) fail "download failed, HTTP $status ($url) -> $hint" ;;
+      esac
+      fail "download failed, $DL exit status $rc ($url) -> run the same command again to resume from $part"
+    fi
+  fi
+  have=$(file_size "$part")
+  if ! starts_as "$kind" "$part"; then
+    what=$(describe "$part"); rm -f "$part"
+    fail "$(basename "$dest") came as $what, not a $noun ($url) -> $hint"
+  fi
+  if [ -n "$want" ] && [ "$have" -lt "$want" ] && ! zip_whole "$part"; then
+    fail "$part has $have bytes, expected $want ($url) -> run the same command again to resume"
+  fi
+  if ! whole_as "$kind" "$part"; then
+    if [ -z "$want" ]; then   # no size from the server: only the missing end of the zip shows the cut
+      fail "$part ends after $have bytes, before the end of its zip: the transfer was cut short ($url) -> run the same command again to resume"
+    fi
+    rm -f "$part"   # every byte the server has, and still not whole: its copy is broken
+    fail "$(basename "$dest") came as $have bytes that do not make a whole $noun ($url) -> $hint"
+  fi
+  mv -f "$part" "$dest"
+}
+
+# ---------------------------------------------------------------- Google Drive
 drive_confirm() {  # drive_confirm PAGE JAR ID: "BASE<tab>QUERY" of the file behind Drive's warning page
   [ -n "$PY" ] || return 1
   "$PY" - "$1" "$2" "$3" "$DRIVE_BASE" "${PPAP_DRIVE_BASE:-}" "$DRIVE_CONFIRM_BASE" "${PPAP_DRIVE_CONFIRM_BASE:-}" <<'PYEOF'
@@ -336,7 +413,7 @@ PYEOF
 
 drive_fetch() {  # drive_fetch NAME ID: one of the authors' checkpoints from Google Drive into CK_DIR/NAME
   local name="$1" id="$2" dest="$CK_DIR/$1" part="$CK_DIR/$1.part" tmp="$CK_DIR/.$1.drive"
-  local first url line base query want have had what rc c=()
+  local first url line base query want have what rc c=()
   local manual="download it by hand from https://drive.google.com/file/d/$id/view and save it as $dest"
   first=$(drive_url "$DRIVE_BASE" "export=download&id=$id")
   if [ "$DRY_RUN" = 1 ]; then
@@ -350,9 +427,12 @@ drive_fetch() {  # drive_fetch NAME ID: one of the authors' checkpoints from Goo
     return 0
   fi
   if [ -f "$dest" ]; then
-    if ckpt_ok "$dest"; then say "have $dest"; return 0; fi
-    say "$dest is $(describe "$dest"), not a torch checkpoint: fetching it again"
-    rm -f "$dest"
+    if ckpt_ok "$dest"; then say "have $dest"; return 0
+    elif ckpt_start_ok "$dest"; then say "$dest is a cut-short zip: resuming it"; mv -f "$dest" "$part"
+    else say "$dest is $(describe "$dest"), not a torch checkpoint: fetching it again"; rm -f "$dest"; fi
+  fi
+  if [ -f "$part" ] && ! ckpt_start_ok "$part"; then   # (an error page, say): resumed, it would corrupt the file
+    say "$part is $(describe "$part"), not the start of a torch checkpoint: starting over"; rm -f "$part"
   fi
   if part_whole "$part"; then mv -f "$part" "$dest"; say "saved $dest (it was whole in $part)"; return 0; fi
   rm -rf "$tmp"; mkdir -p "$tmp"; : >"$tmp/cookies"
@@ -379,13 +459,7 @@ drive_fetch() {  # drive_fetch NAME ID: one of the authors' checkpoints from Goo
   if part_whole "$part"; then say "$part is whole"
   else
     say "fetching $url -> $dest"
-    had=$(file_size "$part")
-    dl_get "$url" "$part" "$tmp/headers" "${c[@]}" || rc=$?
-    if [ "$rc" != 0 ] && [ "$had" -gt 0 ] && { [ "$rc" = 33 ] || [ "$(resp_status "$tmp/headers")" = 200 ]; }; then
-      say "the server cannot resume $part: starting over"   # (it answered the range request with the whole file)
-      rm -f "$part"; rc=0
-      dl_get "$url" "$part" "$tmp/headers" "${c[@]}" || rc=$?
-    fi
+    get_part "$url" "$part" "$tmp/headers" "${c[@]}" || rc=$?
   fi
   if [ "$rc" != 0 ] && [ "$(resp_status "$tmp/headers")" = 416 ] && ckpt_ok "$part"; then
     rc=0   # "range not satisfiable": the .part was already whole
@@ -603,7 +677,7 @@ report_layout() {  # report_layout NAME: exit 0 when complete, 1 (with the list)
 # ---------------------------------------------------------------- per dataset
 stego_dataset() {  # cocostuff / potsdam / cityscapes via the STEGO mirror
   local name="$1" zip="$DATA_DIR/.downloads/$1.zip"
-  fetch "$STEGO_MIRROR/$name.zip" "$zip"
+  fetch zip "$(mirror_hint PPAP_STEGO_MIRROR)" "$STEGO_MIRROR/$name.zip" "$zip"
   unpack "$zip" "$name"
   finish_zip "$zip"
 }
@@ -624,6 +698,7 @@ EOF
 
 cityscapes_official() {
   local cookies="$DATA_DIR/.downloads/cityscapes.cookies" pkg file zip
+  local hint="check CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD (a failed login gets a page, not the archive), then run the same command again"
   run mkdir -p "$DATA_DIR/.downloads"
   say "logging in to $CITYSCAPES_SITE as $CITYSCAPES_USERNAME"
   if [ "$DL" = curl ]; then
@@ -635,8 +710,8 @@ cityscapes_official() {
   fi
   for pkg in 1:gtFine_trainvaltest.zip 3:leftImg8bit_trainvaltest.zip; do
     file="${pkg#*:}"; zip="$DATA_DIR/.downloads/$file"
-    if [ "$DL" = curl ]; then fetch "$CITYSCAPES_SITE/file-handling/?packageID=${pkg%%:*}" "$zip" -b "$cookies"
-    else fetch "$CITYSCAPES_SITE/file-handling/?packageID=${pkg%%:*}" "$zip" --load-cookies="$cookies"; fi
+    if [ "$DL" = curl ]; then fetch zip "$hint" "$CITYSCAPES_SITE/file-handling/?packageID=${pkg%%:*}" "$zip" -b "$cookies"
+    else fetch zip "$hint" "$CITYSCAPES_SITE/file-handling/?packageID=${pkg%%:*}" "$zip" --load-cookies="$cookies"; fi
     # the official archives hold gtFine/ and leftImg8bit/ (plus README, license) at the top
     unpack "$zip" cityscapes
     finish_zip "$zip"
@@ -662,7 +737,7 @@ EOF
   run "$PY" - "$IMAGENET_DIR" "$DATA_DIR/imagenet-s/ImageNetS$k" <<'PYEOF'
 import os, sys
 src, root = sys.argv[1:3]
-linked = missing = 0
+linked = relinked = missing = 0
 for split, where in (('validation', 'val'), ('train-semi', 'train')):
     seg = os.path.join(root, split + '-segmentation')
     if not os.path.isdir(seg):
@@ -681,9 +756,16 @@ for split, where in (('validation', 'val'), ('train-semi', 'train')):
                 missing += 1
                 continue
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.symlink(os.path.abspath(index[stem]), dst)
+            # a link into where ImageNet used to be dangles: exists() is False, yet the name is taken
+            relinked += os.path.lexists(dst)
+            tmp = dst + '.tmp'
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.symlink(os.path.abspath(index[stem]), tmp)
+            os.replace(tmp, dst)
             linked += 1
-print('[download.sh] linked %d images, %d not found under %s' % (linked, missing, src))
+print('[download.sh] linked %d images (%d replacing dangling links), %d not found under %s'
+      % (linked, relinked, missing, src))
 PYEOF
 }
 
@@ -694,7 +776,7 @@ imagenet_s() {
     if [ -d "$DATA_DIR/imagenet-s/ImageNetS$k/validation-segmentation" ]; then
       say "have ImageNet-S$k masks"
     else
-      fetch "$IMAGENET_S_BASE/${IMAGENET_S_ZIP[$k]}" "$zip"
+      fetch zip "$(mirror_hint PPAP_IMAGENET_S_BASE)" "$IMAGENET_S_BASE/${IMAGENET_S_ZIP[$k]}" "$zip"
       md5="${IMAGENET_S_ZIP[$k]%.zip}"; md5="${md5##*-}"
       if [ "$DRY_RUN" = 0 ] && command -v md5sum >/dev/null 2>&1; then
         [ "$(md5sum "$zip" | cut -d' ' -f1)" = "$md5" ] || say "warning: MD5 of $zip is not $md5"
@@ -712,17 +794,12 @@ imagenet_s() {
 }
 
 weights() {
-  local url dest
+  local url var
   run mkdir -p "$CKPT_DIR"
-  VERIFY=ckpt_ok
   for url in "${WEIGHT_URLS[@]}"; do
-    dest="$CKPT_DIR/$(basename "$url")"
-    if [ "$DRY_RUN" = 0 ] && [ -f "$dest" ] && ! ckpt_ok "$dest"; then
-      say "$dest is $(describe "$dest"), not a torch checkpoint: fetching it again"; rm -f "$dest"
-    fi
-    fetch "$url" "$dest"
+    case "$url" in "$DINOV2_BASE"/*) var=PPAP_DINOV2_BASE ;; *) var=PPAP_DINO_BASE ;; esac
+    fetch ckpt "$(mirror_hint "$var")" "$url" "$CKPT_DIR/$(basename "$url")"
   done
-  VERIFY=""
 }
 
 # ---------------------------------------------------------------- main

@@ -1,6 +1,7 @@
 """download.sh, offline: arguments, --help, --check-only on fake trees, --dry-run, (with curl) a
-resumed transfer + extraction from a file:// mirror, DINOv2 weights, and the authors' checkpoints
-through a fake Google Drive (file:// trees, and a local HTTP server for curl and wget)."""
+resumed transfer + extraction from a file:// mirror, DINOv2 weights, the authors' checkpoints
+through a fake Google Drive (file:// trees, and a local HTTP server for curl and wget), and a local
+mirror that misbehaves (error answers, no Range support, bodies cut short, pages instead of files)."""
 import http.server
 import io
 import os
@@ -33,7 +34,8 @@ def sh(*args, cwd=None, **env):
                       "PPAP_DRIVE_BASE", "PPAP_DRIVE_CONFIRM_BASE", "PPAP_DINO_BASE", "PPAP_DINOV2_BASE")}
     e.setdefault("PYTHON", sys.executable)    # (not a slow pyenv shim: the script runs python for its checks)
     e.update(env)
-    return subprocess.run(["bash", SCRIPT, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", SCRIPT, *args], cwd=cwd, env=e, capture_output=True, text=True,
+                          errors="replace", timeout=60)   # (a failing run may echo binary bytes)
 
 
 def touch(path, data=b""):
@@ -475,8 +477,9 @@ def test_failing_transfers_print_an_error_line(tmp_path, ckpt_bytes):
     url = f"file://{mirror}/{DINOV2[0]}"
     assert p.returncode == 1
     assert error_lines(p) == [f'error: dinov2_vits14_pretrain.pth came as an HTML page ("Google Drive - Quota '
-                              f'exceeded"), not a torch checkpoint ({url}) -> check the address (PPAP_*_BASE) '
-                              f'and run the same command again']
+                              f'exceeded"), not a torch checkpoint ({url}) -> open that address in a browser to '
+                              f'see why, or set PPAP_DINOV2_BASE to a copy that has the file, then run the same '
+                              f'command again']
     assert not os.listdir(tmp_path / "th" / "hub" / "checkpoints")
     touch(str(mirror / DINOV2[0]), ckpt_bytes[0])           # the next one is not there at all
     p = sh("weights", **env)
@@ -584,6 +587,8 @@ def legacy_ckpt():
     ("curl", "cookie", 70_000), ("wget", "direct", 70_000),
     ("curl", "norange", 70_000), ("wget", "norange", 70_000),     # resume refused (200): starts over
     ("curl", "form", "whole"), ("wget", "form", "whole"),         # a whole legacy .part: 416, kept
+    ("curl", "form", "html"), ("wget", "form", "html"),           # a .part that is a page: starts over
+    ("curl", "form", "dest-cut"), ("wget", "form", "dest-cut"),   # a cut-short zip under the name: resumed
 ])
 def test_checkpoints_over_http(tmp_path, fake_drive, ckpt_bytes, downloader, style, part):
     if shutil.which(downloader) is None:
@@ -597,6 +602,12 @@ def test_checkpoints_over_http(tmp_path, fake_drive, ckpt_bytes, downloader, sty
         blob = FakeDrive.files[fid] = legacy_ckpt()
         touch(str(ck / f"{name}.part"), blob)
         assert blob[:2] == b"\x80\x02"
+    elif part == "html":
+        blob = ckpt_bytes[1]
+        touch(str(ck / f"{name}.part"), QUOTA)
+    elif part == "dest-cut":
+        blob = ckpt_bytes[1]
+        touch(str(ck / name), blob[:70_000])
     else:
         blob = ckpt_bytes[1]
         touch(str(ck / f"{name}.part"), blob[:part])                        # an interrupted transfer
@@ -610,6 +621,11 @@ def test_checkpoints_over_http(tmp_path, fake_drive, ckpt_bytes, downloader, sty
     ranges = [r for path, q, r, _ in FakeDrive.log if r != "bytes=0-65535"]   # (not the probe)
     if part == "whole":
         assert ranges == [f"bytes={len(blob)}-"], FakeDrive.log
+    elif part == "html":
+        assert ranges == [None], FakeDrive.log                                # not resumed after the page
+        assert "not the start of a torch checkpoint: starting over" in p.stdout
+    elif part == "dest-cut":
+        assert ranges == ["bytes=70000-"], FakeDrive.log
     elif style == "norange" and downloader == "curl":                        # curl stops (exit 33) ...
         assert ranges == ["bytes=70000-", None], FakeDrive.log                 # ... and the script starts over
         assert "cannot resume" in p.stdout
@@ -617,3 +633,208 @@ def test_checkpoints_over_http(tmp_path, fake_drive, ckpt_bytes, downloader, sty
         assert ranges == ["bytes=70000-"], FakeDrive.log                       # resumed, not restarted
     if style in ("link", "cookie"):                                           # the cookie went back
         assert all(c and "download_warning_13058" in c for path, q, r, c in FakeDrive.log if "confirm" in q)
+
+
+# ---------------------------------------------------------------- download.sh against a misbehaving server
+CUT = 40_000                                   # where the "cut" fault ends a body
+
+
+class Mirror(http.server.BaseHTTPRequestHandler):
+    """A plain file server with the fault a test picks: an error status (with a body) for every
+    request, a HEAD that gives a wrong length, Range ignored, or bodies cut short.  It speaks HTTP/1.0,
+    so a body sent without Content-Length ends where the connection closes, and a client cannot tell
+    a cut-short one from a whole one."""
+    files, fault, log = {}, None, []
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self.answer()
+
+    def do_GET(self):
+        self.answer()
+
+    def answer(self):
+        rng = self.headers.get("Range")
+        self.log.append((self.command, self.path, rng))
+        blob = self.files.get(self.path)
+        if isinstance(self.fault, int):        # a storage service's refusal: a short XML body
+            body = (b'<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthorizationFailure</Code>'
+                    b'<Message>This request is not authorized.</Message></Error>')
+            return self.reply(self.fault, body, {"Content-Type": "application/xml"})
+        if blob is None:
+            return self.reply(404, b"not found", {})
+        if self.command == "HEAD" and self.fault == "head110":
+            return self.reply(200, b"", {"Content-Length": "110"})
+        if self.fault == "cut":
+            return self.reply(200, blob[:CUT], {})
+        start = 0
+        if rng and self.fault != "norange":
+            start = int(rng.split("=", 1)[1].split("-", 1)[0])
+            if start >= len(blob):
+                return self.reply(416, b"", {"Content-Range": f"bytes */{len(blob)}", "Content-Length": "0"})
+            return self.reply(206, blob[start:], {"Content-Length": str(len(blob) - start),
+                                                  "Content-Range": f"bytes {start}-{len(blob) - 1}/{len(blob)}"})
+        self.reply(200, blob, {"Content-Length": str(len(blob))})
+
+    def reply(self, code, body, headers):
+        self.send_response(code)
+        if code >= 400 and "Content-Length" not in headers:
+            headers = {**headers, "Content-Length": str(len(body))}
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+@pytest.fixture
+def mirror():
+    Mirror.files, Mirror.fault, Mirror.log = {}, None, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def gets():
+    """The Range header of each GET the mirror saw (None: from the start)."""
+    return [r for method, _, r in Mirror.log if method == "GET"]
+
+
+# download.sh picks curl when there is one; DOWNLOADER forces either client's code path
+both_clients = pytest.mark.parametrize("downloader", ["curl", "wget"])
+
+
+def need(downloader):
+    if shutil.which(downloader) is None:
+        pytest.skip(f"needs {downloader}")
+
+
+@both_clients
+def test_server_errors_delete_nothing(tmp_path, mirror, ckpt_bytes, downloader):
+    need(downloader)
+    hub = tmp_path / "th" / "hub" / "checkpoints"
+    names = [os.path.basename(f) for f in DINOV2]
+    for n, b in zip(names[:3], ckpt_bytes):                   # three whole weights; the fourth is missing
+        touch(str(hub / n), b)
+    Mirror.files = {f"/dinov2/{f}": b for f, b in zip(DINOV2, ckpt_bytes)}
+    env = dict(TORCH_HOME=str(tmp_path / "th"), WEIGHTS="dinov2", PPAP_DINOV2_BASE=f"{mirror}/dinov2",
+               DOWNLOADER=downloader)
+    Mirror.fault = 403                                        # the size probe gets an error page's length
+    p = sh("weights", **env)
+    assert p.returncode == 1
+    assert sorted(os.listdir(hub)) == sorted(names[:3])       # no error page kept as a .part
+    for n, b in zip(names, ckpt_bytes[:3]):
+        assert (hub / n).read_bytes() == b
+    assert error_lines(p) == [f"error: download failed, HTTP 403 ({mirror}/dinov2/{DINOV2[3]}) -> open that address "
+                              f"in a browser to see why, or set PPAP_DINOV2_BASE to a copy that has the file, then "
+                              f"run the same command again"]
+    Mirror.fault = "head110"                                  # a HEAD that gives a wrong length, a GET that works
+    p = sh("weights", **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(os.listdir(hub)) == sorted(names)
+    for n, b in zip(names, ckpt_bytes):
+        assert (hub / n).read_bytes() == b
+    assert f"keeping {hub}/{names[0]}, a whole torch checkpoint of {len(ckpt_bytes[0])} bytes" in p.stdout
+    files, blob = _mirror(tmp_path)                           # an archive kept by --keep-zip, layout incomplete
+    data = tmp_path / "data"
+    touch(str(data / ".downloads" / "potsdam.zip"), blob)
+    Mirror.files, Mirror.fault = {"/potsdam.zip": blob}, 403
+    p = sh("potsdam", str(data), "--keep-zip", PPAP_STEGO_MIRROR=mirror, DOWNLOADER=downloader)
+    assert p.returncode == 0, p.stdout + p.stderr             # extracted from the archive at hand
+    assert (data / ".downloads" / "potsdam.zip").read_bytes() == blob
+    assert (data / "potsdam" / "imgs" / "a.mat").read_bytes() == files["imgs/a.mat"]
+
+
+@both_clients
+def test_error_page_is_not_kept_or_resumed(tmp_path, mirror, downloader):
+    need(downloader)
+    files, blob = _mirror(tmp_path)
+    data, dl = tmp_path / "data", tmp_path / "data" / ".downloads"
+    page = b"<html><head><title>Service Unavailable</title></head><body>Back soon.</body></html>"
+    Mirror.files = {"/potsdam.zip": page}                     # the mirror answers 200 with a page
+    p = sh("potsdam", str(data), PPAP_STEGO_MIRROR=mirror, DOWNLOADER=downloader)
+    assert p.returncode == 1
+    assert not os.listdir(dl)                                 # nothing kept to "resume" once the mirror is back
+    assert error_lines(p) == [f'error: potsdam.zip came as an HTML page ("Service Unavailable"), not a zip archive '
+                              f'({mirror}/potsdam.zip) -> open that address in a browser to see why, or set '
+                              f'PPAP_STEGO_MIRROR to a copy that has the file, then run the same command again']
+    Mirror.files = {"/potsdam.zip": blob}                     # the mirror recovers
+    # what an older download.sh left: the page kept as the archive, or "resumed" into a .part
+    for left, data_was, what in (("potsdam.zip", page, "not a zip archive: fetching it again"),
+                                 ("potsdam.zip.part", page + blob[len(page):], "not the start of a zip archive: "
+                                                                               "starting over")):
+        touch(str(dl / left), data_was)
+        Mirror.log = []
+        p = sh("potsdam", str(data), PPAP_STEGO_MIRROR=mirror, DOWNLOADER=downloader)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert gets() == [None], Mirror.log                   # started over, not resumed after the page
+        assert f'[download.sh] {dl}/{left} is an HTML page ("Service Unavailable"), {what}' in p.stdout
+        for k, v in files.items():
+            assert (data / "potsdam" / k).read_bytes() == v
+        assert not os.listdir(dl)
+        shutil.rmtree(data / "potsdam")
+
+
+@both_clients
+def test_server_without_range_support_restarts(tmp_path, mirror, downloader):
+    need(downloader)
+    files, blob = _mirror(tmp_path)
+    data = tmp_path / "data"
+    Mirror.files, Mirror.fault = {"/potsdam.zip": blob}, "norange"
+    touch(str(data / ".downloads" / "potsdam.zip.part"), blob[:len(blob) // 3])   # an interrupted transfer
+    p = sh("potsdam", str(data), PPAP_STEGO_MIRROR=mirror, DOWNLOADER=downloader)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for k, v in files.items():
+        assert (data / "potsdam" / k).read_bytes() == v
+    if downloader == "curl":                                  # curl refuses the whole file (exit 33) ...
+        assert gets() == [f"bytes={len(blob) // 3}-", None], Mirror.log     # ... and the script starts over
+        assert "cannot resume" in p.stdout
+    else:                                                     # wget takes the whole file it is sent
+        assert gets() == [f"bytes={len(blob) // 3}-"], Mirror.log
+
+
+@both_clients
+def test_cut_short_transfer_is_kept_and_resumed(tmp_path, mirror, ckpt_bytes, downloader):
+    need(downloader)
+    hub = tmp_path / "th" / "hub" / "checkpoints"
+    names = [os.path.basename(f) for f in DINOV2]
+    for n, b in zip(names[1:], ckpt_bytes[1:]):
+        touch(str(hub / n), b)
+    Mirror.files, Mirror.fault = {f"/dinov2/{DINOV2[0]}": ckpt_bytes[0]}, "cut"   # no length, closed early
+    env = dict(TORCH_HOME=str(tmp_path / "th"), WEIGHTS="dinov2", PPAP_DINOV2_BASE=f"{mirror}/dinov2",
+               DOWNLOADER=downloader)
+    p = sh("weights", **env)
+    part = hub / f"{names[0]}.part"
+    assert p.returncode == 1
+    assert part.read_bytes() == ckpt_bytes[0][:CUT]
+    assert error_lines(p) == [f"error: {part} ends after {CUT} bytes, before the end of its zip: the transfer was "
+                              f"cut short ({mirror}/dinov2/{DINOV2[0]}) -> run the same command again to resume"]
+    Mirror.fault, Mirror.log = None, []                       # what the advice says: run it again
+    p = sh("weights", **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert gets() == [f"bytes={CUT}-"], Mirror.log
+    assert (hub / names[0]).read_bytes() == ckpt_bytes[0]
+    assert sorted(os.listdir(hub)) == sorted(names)
+
+
+def test_imagenet_s_relinks_after_imagenet_moved(tmp_path):
+    root = fake_tree(str(tmp_path / "data"), "imagenet-s")
+    shutil.rmtree(os.path.join(root, "ImageNetS50", "validation"))
+    shutil.rmtree(os.path.join(root, "ImageNetS50", "train-semi"))
+    inet = tmp_path / "imagenet"
+    touch(str(inet / "val" / "x_validation.JPEG"), b"v")
+    touch(str(inet / "train" / "n01443537" / "x_train-semi.JPEG"), b"t")
+    assert sh("imagenet-s", "data", cwd=tmp_path, IMAGENET_DIR=str(inet)).returncode == 0
+    os.rename(inet, tmp_path / "moved")                       # the links now dangle
+    p = sh("imagenet-s", "data", "--check-only", cwd=tmp_path)
+    assert p.returncode == 1 and "IMAGENET_DIR=<ImageNet-1k dir> bash download.sh imagenet-s data" in p.stderr
+    p = sh("imagenet-s", "data", cwd=tmp_path, IMAGENET_DIR=str(tmp_path / "moved"))   # what that says
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "linked 2 images (2 replacing dangling links)" in p.stdout
+    img = os.path.join(root, "ImageNetS50", "validation", "n01443537", "x_validation.JPEG")
+    assert os.readlink(img) == str(tmp_path / "moved" / "val" / "x_validation.JPEG")
+    assert open(img, "rb").read() == b"v"
