@@ -120,9 +120,8 @@ def crf_refiner(dense_crf, device=None):
     image as BGR uint8 (the authors' batched_crf), computed on `device` (default: the image's)."""
     def refine(img, linear_logits, inner, code=None):
         img_u8 = image_to_uint8_bgr(img).to(device or img.device)
-        linear = _crf_argmax(dense_crf, img_u8, linear_logits)
-        return {"cluster_crf": _crf_argmax(dense_crf, img_u8, CLUSTER_CRF_ALPHA * inner.float()),
-                "linear_crf": linear}
+        out = {} if linear_logits is None else {"linear_crf": _crf_argmax(dense_crf, img_u8, linear_logits)}
+        return {"cluster_crf": _crf_argmax(dense_crf, img_u8, CLUSTER_CRF_ALPHA * inner.float()), **out}
     return refine
 
 
@@ -142,8 +141,8 @@ def _chain(refiners):
 
 def evaluate_model(model, loader, device, crf=False, amp: torch.dtype | None = None, n_examples: int = 0,
                    progress: bool = True, desc: str = "eval", dense_crf=None, kmeans_centroids=None,
-                   crf_on=None) -> dict:
-    """ppap.evaluate (no CRF, cluster and linear probes) plus, with crf=True, the CRF-refined predictions
+                   crf_on=None, linear: bool = True) -> dict:
+    """ppap.evaluate (no CRF, cluster and linear probes; linear=False: the cluster probe only) plus, with crf=True, the CRF-refined predictions
     of both probes from the same pass, so "no CRF" and "CRF" scores come back together, and with
     ``kmeans_centroids`` [K,D] (see fit_kmeans) the 'kmeans' probe, scored like the cluster probe. ``amp``:
     autocast dtype or None (fp32); ``crf_on``: the CRF's device (default: the evaluation's). See
@@ -153,7 +152,7 @@ def evaluate_model(model, loader, device, crf=False, amp: torch.dtype | None = N
     refine = _chain([crf_refiner(dense_crf, crf_on) if crf else None,
                      kmeans_refiner(kmeans_centroids) if kmeans_centroids is not None else None])
     return ppap.evaluate(model, loader, device, amp=amp, refine=refine, n_examples=n_examples,
-                         progress=progress, desc=desc)
+                         progress=progress, desc=desc, linear=linear)
 
 
 # ==== K-MEANS DIAGNOSTIC ====
@@ -509,6 +508,7 @@ def plot_examples(examples, class_names, cluster_assignment, path, tile=160, crf
     cols = [("image", None), ("ground truth", "label"), ("cluster (matched)", "cluster"), ("linear", "linear")]
     if crf and examples and "cluster_crf" in examples[0]:
         cols += [("cluster + CRF", "cluster_crf"), ("linear + CRF", "linear_crf")]
+    cols = [c for c in cols if c[1] is None or not examples or c[1] in examples[0]]     # the probes evaluated
     font = _font(13)
     head = 24
     n = len(examples)
@@ -1338,6 +1338,8 @@ def _val_loader(cfg, limit: int, batch_size: int):
         raise PPAPError(f"cannot load {cfg.data} val data from {cfg.data_dir}: {e}") from None
     if len(ds) == 0:
         raise PPAPError(f"no val images found for {cfg.data} in {cfg.data_dir}")
+    if not getattr(ds, "labelled", True):
+        raise PPAPError(f"the {cfg.data} val images in {cfg.data_dir} have no labels: nothing can be scored")
     names = list(getattr(ds, "class_names", None) or [str(i) for i in range(ds.n_classes)])
     if limit and limit > 0:
         ds = ppap.subset(ds, range(min(limit, len(ds))))
@@ -1356,7 +1358,8 @@ def _load_target(args) -> tuple:
         over = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir)) if v is not None}
         cfg = dataclasses.replace(cfg, **over)
         info = {"kind": "run", "checkpoint": ckpt_path, "selection": _selection_label(ckpt, ckpt_path),
-                "class_names": ckpt.get("class_names"), "checkpoint_git": ckpt.get("git"), "step": ckpt.get("step")}
+                "class_names": ckpt.get("class_names"), "checkpoint_git": ckpt.get("git"), "step": ckpt.get("step"),
+                "linear": ckpt.get("linear_trained", True)}
         if os.path.isdir(args.run):
             info["out"], info["stem"] = args.run, ""
         else:
@@ -1427,7 +1430,7 @@ def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, 
                                    samples=args.kmeans_samples, seed=args.kmeans_seed, progress=progress)
     res = evaluate_model(model, loader, device, crf=args.crf, amp=amp, n_examples=args.n_examples,
                          dense_crf=dense_crf, crf_on=crf_on, desc=f"eval {cfg.data}",
-                         kmeans_centroids=centroids, progress=progress)
+                         kmeans_centroids=centroids, progress=progress, linear=info.get("linear", True))
     meta = {
         "checkpoint": os.path.abspath(info["checkpoint"]), "kind": info["kind"], "selection": info["selection"],
         "step": info["step"], "config": dataclasses.asdict(cfg), "data": cfg.data, "limit": args.limit or None,

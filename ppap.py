@@ -81,6 +81,9 @@ class Config:
     data_dir: str = _f(os.environ.get("PPAP_DATA", "./data"), "dataset root as download.sh lays it out "
                        "($PPAP_DATA)")
     imagenet_s_classes: int = _f(50, "ImageNet-S variant: 50 | 300 | 919")
+    n_classes: int = _f(0, "--data folder without DIR/classes.txt: the number of classes (named class0, class1, ...)")
+    five_crop: bool | None = _f(None, "train on the five-crop set (corners + centre at half size, built once); "
+                                "unset = the dataset's choice: COCO-Stuff and Cityscapes yes (the authors'), others no")
     arch: str = _f("vit_small", "the frozen backbone (BACKBONES)")
     patch: int = _f(8, "ViT patch size: 8 | 16 for DINO; 14 for DINOv2 (implied by its --arch)")
     weights: str = _f("", "backbone checkpoint file; empty = the released DINO/DINOv2 one via the torch hub "
@@ -205,7 +208,7 @@ def check_config(cfg: Config) -> None:
             raise PPAPError(f"{flag(name)} must be positive, not {getattr(cfg, name)}")
     if cfg.num_workers < -1:
         raise PPAPError(f"--num-workers must be -1 (automatic), 0 or more, not {cfg.num_workers}")
-    for name in ("max_steps", "seed", "crop_workers", "val_every", "val_limit", "val_subset"):
+    for name in ("max_steps", "seed", "crop_workers", "val_every", "val_limit", "val_subset", "n_classes"):
         if getattr(cfg, name) < 0:
             raise PPAPError(f"{flag(name)} must be >= 0, not {getattr(cfg, name)}")
     for name in ("phi0", "psi0", "sigma_pos", "sigma_amb", "tau", "ppap_weight", "lr", "weight_decay",
@@ -942,6 +945,8 @@ class Run:
     steps_per_epoch: int
     total: int                              # the step training ends at
     resumed: bool = False
+    linear: bool = True                     # the train set has labels: the linear probe learns and is scored
+    scored: bool = True                     # the val set has labels: validations score the probes
     step: int = 0
     best: dict | None = None                # --select-on-val: {'score', 'step'} of best_on_val.pt
     skipped: int = 0                        # steps whose non-finite gradients were not applied
@@ -967,6 +972,12 @@ def start_run(cfg: Config, ckpt: dict | None, device: torch.device) -> Run:
         val_set = subset(val_set, range(min(cfg.val_limit, len(val_set))))
     print(f"train {len(train_set)} images ({cfg.img_size}px), val {len(val_set)} images ({cfg.val_size}px), "
           f"{train_set.n_classes} classes")
+    linear, scored = getattr(train_set, "labelled", True), getattr(val_set, "labelled", True)
+    if not linear:
+        print("the train images have no labels: PPAP and the cluster probe train as usual; the linear probe (which "
+              "the authors train on train labels) is not trained and not reported")
+    if not scored:
+        print("the val images have no labels: the run trains and saves, and nothing can be scored")
     if len(train_set) < cfg.batch_size:
         raise PPAPError(f"the train set has {len(train_set)} images, fewer than --batch-size {cfg.batch_size}")
     h = cfg.img_size // cfg.patch
@@ -1014,7 +1025,8 @@ def start_run(cfg: Config, ckpt: dict | None, device: torch.device) -> Run:
     return Run(cfg=cfg, device=device, core=core, model=distributed(core, device, cfg), criterion=build_loss(cfg),
                opts=opts, scaler=scaler, train_set=train_set, full_loader=full_loader,
                periodic_loader=periodic_loader, log=log, step_gen=step_gen, steps_per_epoch=steps_per_epoch,
-               total=total, resumed=ckpt is not None, step=step, best=best, skipped=skipped,
+               total=total, resumed=ckpt is not None, linear=linear, scored=scored, step=step, best=best,
+               skipped=skipped,
                saved=step if ckpt is not None else None, step_rng=step_gen.get_state())
 
 
@@ -1035,8 +1047,11 @@ def validate(run: Run) -> dict:
     """The full val set at the end (and under --select-on-val, the authors' schedule); the fixed subset in
     between, which only draws the curve. -> the log record."""
     cfg = run.cfg
+    if not run.scored:
+        return {"step": run.step}
     loader = run.full_loader if run.step == run.total else run.periodic_loader
-    metrics = evaluate(run.core, loader, run.device, amp=amp_dtype(cfg, run.device), progress=cfg.progress)
+    metrics = evaluate(run.core, loader, run.device, amp=amp_dtype(cfg, run.device), progress=cfg.progress,
+                       linear=run.linear)
     record = {"step": run.step, **{k: v for k, v in metrics.items() if isinstance(v, float)},
               "val_images": metrics["n_images"], "skipped_steps": run.skipped}
     if run.scaler.is_enabled():
@@ -1101,8 +1116,11 @@ def train_loop(run: Run) -> dict:
         metrics = validate(run)
     banner("result")
     selection = "last checkpoint" + (f" (best-on-val kept separately at step {run.best['step']})" if run.best else "")
-    print(f"{selection}: unsupervised mIoU {metrics['cluster_mIoU']:.2f}  Acc {metrics['cluster_Acc']:.2f} | "
-          f"linear mIoU {metrics['linear_mIoU']:.2f}  Acc {metrics['linear_Acc']:.2f}")
+    if "cluster_mIoU" not in metrics:
+        print(f"{selection}: nothing scored (the val images have no labels)")
+    else:
+        print(f"{selection}: unsupervised mIoU {metrics['cluster_mIoU']:.2f}  Acc {metrics['cluster_Acc']:.2f}"
+              + (f" | linear mIoU {metrics['linear_mIoU']:.2f}  Acc {metrics['linear_Acc']:.2f}" if run.linear else ""))
     if run.skipped:
         print(f"{run.skipped} step(s) were skipped for non-finite gradients")
     print(f"run: {cfg.run}  (evaluate with: python eval.py --run {shlex.quote(cfg.run)})")
@@ -1232,7 +1250,7 @@ def _unpack_batch(batch):
 
 @torch.no_grad()
 def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine=None, n_examples: int = 0,
-             progress: bool = True, desc: str = "val") -> dict:
+             progress: bool = True, desc: str = "val", linear: bool = True) -> dict:
     """The evaluation protocol on val items {'img','label'} (the authors' run.py evaluate).
 
     Per batch: code = model(img)['code'] upsampled bilinearly (align_corners=False) to the label size;
@@ -1240,7 +1258,8 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
     the centroids. ``refine(img, linear_logits, cluster_scores, code) -> {probe: pred}`` (code: the upsampled
     code [B,D,H,W]) adds predictions (eval.py's CRF and k-means); a probe whose name starts with one of
     MATCHED_PROBES predicts cluster ids and is Hungarian-matched, the others predict classes. One confusion
-    matrix per probe over the loader. ``amp``: autocast dtype or None (fp32).
+    matrix per probe over the loader. ``amp``: autocast dtype or None (fp32). linear=False leaves out the linear
+    probe (a run without train labels never trained it; refine then gets linear_logits None).
 
     Returns a flat dict; for each probe P: P_mIoU, P_Acc (x100), P_IoU (per class), P_IoU_extra (K > C),
     P_confusion [C,K], P_assignment, P_matched (see ``scores``); plus n_images and examples (dicts of uint8
@@ -1268,11 +1287,11 @@ def evaluate(model: PPAP, loader, device, amp: torch.dtype | None = None, refine
             with autocast(device, amp):
                 linear_logits = model.linear_probe(code)
                 inner = model.cluster_probe.inner(code)
-                preds = {"cluster": inner.argmax(1), "linear": linear_logits.argmax(1)}
+                preds = {"cluster": inner.argmax(1), **({"linear": linear_logits.argmax(1)} if linear else {})}
                 if chosen is not None:
                     preds["cluster_sel"] = chosen.inner(code).argmax(1)
             if refine is not None:
-                preds.update(refine(img, linear_logits, inner, code))
+                preds.update(refine(img, linear_logits if linear else None, inner, code))
             for k, p in preds.items():
                 if k not in confs:
                     confs[k] = new_confusion(k)
@@ -1628,6 +1647,13 @@ def _missing(path, dataset, data_dir, hint=""):
     return PPAPError(f"missing {path}" + (f" — run: bash download.sh {target} {data_dir}{hint}" if target else hint))
 
 
+def _damaged(e: Unreadable, dataset, data_dir):
+    """An unreadable file of a dataset download.sh fetches: deleting it makes download.sh restore it."""
+    target = DATASETS[dataset].download if dataset in DATASETS else ""
+    return PPAPError(f"{e} — delete it, then run: bash download.sh {target} {data_dir} (it restores missing "
+                     f"files)" if target else f"{e} — replace or remove that file")
+
+
 def _require(paths, dataset, data_dir, hint=""):
     for p in paths:
         if not os.path.exists(p):
@@ -1689,10 +1715,14 @@ def _label_image(arr):
 
 # ---- raw loaders: (image path, label path) -> (PIL RGB full resolution, int64 coarse label, -1 ignore)
 
+class Unreadable(PPAPError):
+    """A data file that is there but cannot be decoded (truncated, not an image, unreadable)."""
+
+
 @contextlib.contextmanager
 def _reading(path):
-    """Turns a file that cannot be decoded (truncated, not an image, unreadable) into one line naming it;
-    a missing file stays FileNotFoundError (the caller knows which download or rebuild brings it back)."""
+    """Turns a file that cannot be decoded into one Unreadable line naming it; a missing file stays
+    FileNotFoundError. The dataset that reads it adds what brings it back (_missing, _damaged)."""
     try:
         yield
     except (FileNotFoundError, PPAPError):
@@ -1700,7 +1730,7 @@ def _reading(path):
     except Exception as e:                     # PIL, scipy.io and OS errors alike
         reason = " ".join(str(e).replace(f"'{path}'", "").replace(str(path), "").split())[:200]
         reason = reason.rstrip(" :") or type(e).__name__
-        raise PPAPError(f"cannot read {path}: {reason}") from None
+        raise Unreadable(f"cannot read {path}: {reason}") from None
 
 
 def open_rgb(path) -> Image.Image:
@@ -1764,15 +1794,28 @@ def read_imagenet_s(img_path, lab_path):
     return open_rgb(img_path), np.where(lab == IMAGENET_S_IGNORE, -1, lab)
 
 
+def read_folder(img_path, lab_path):
+    """--data folder: any image Pillow reads (as open_rgb reads the benchmarks'), a label PNG of uint8 class
+    ids with 255 = ignore; no label file (an unlabelled split) = every pixel ignored."""
+    img = open_rgb(img_path)
+    if lab_path is None:
+        return img, np.full((img.height, img.width), -1, dtype=np.int64)
+    lab = open_label(lab_path)
+    return img, np.where(lab == 255, -1, lab)
+
+
 def read_five_crop(img_path, lab_path):
     return open_rgb(img_path), open_label(lab_path) - 1       # stored as label + 1
 
 
-def load_pair(read, img_path, lab_path):
+def load_pair(read, img_path, lab_path, n_classes: int | None = None):
     """One (image, label) pair through its dataset's reader, at its stored resolution -> (PIL RGB, int64
     label, -1 = ignore); a label of another size than its image is an error (resizing it would silently move
-    every boundary)."""
+    every boundary), and so is a class id of n_classes or more."""
     img, lab = read(img_path, lab_path)
+    if n_classes is not None and lab.size and lab.max() >= n_classes:
+        raise PPAPError(f"label {lab_path} holds class {int(lab.max())}, but the dataset has {n_classes} classes "
+                        f"(0-{n_classes - 1}; 255 = ignore)")
     if lab.shape != (img.height, img.width):
         raise PPAPError(f"label {lab_path} is {lab.shape[1]}x{lab.shape[0]} but image {img_path} "
                         f"is {img.width}x{img.height}")
@@ -1783,9 +1826,10 @@ class RealSegDataset(torch.utils.data.Dataset):
     """Pairs (image, label) of files read by `read` (the dataset's reader; five-crop sets: read_five_crop),
     resized (shorter side, NEAREST) and centre-cropped to `size`."""
 
-    def __init__(self, name, read, pairs, size, class_names, data_dir="data"):
+    def __init__(self, name, read, pairs, size, class_names, data_dir="data", labelled=True):
         self.name, self.read, self.pairs, self.size = name, read, list(pairs), int(size)
         self.n_classes, self.class_names, self.data_dir = len(class_names), list(class_names), data_dir
+        self.labelled = labelled            # False: no label files (every pixel is ignored)
 
     def __len__(self):
         return len(self.pairs)
@@ -1793,12 +1837,19 @@ class RealSegDataset(torch.utils.data.Dataset):
     def load_raw(self, i):
         """-> (PIL RGB image, int64 label array with -1 = ignore), at the stored resolution."""
         try:
-            return load_pair(self.read, *self.pairs[i])
+            img, lab = load_pair(self.read, *self.pairs[i], n_classes=self.n_classes)
         except FileNotFoundError as e:
             if self.read is read_five_crop:
-                crops = os.path.dirname(os.path.dirname(os.path.dirname(self.pairs[i][0])))
-                raise PPAPError(f"missing {e.filename} — delete {crops} to rebuild the five-crop set") from None
+                raise PPAPError(f"missing {e.filename} — delete {self._crops(i)} to rebuild the five-crop set") from None
             raise _missing(e.filename, self.name, self.data_dir) from None
+        except Unreadable as e:
+            if self.read is read_five_crop:
+                raise PPAPError(f"{e} — delete {self._crops(i)} to rebuild the five-crop set") from None
+            raise _damaged(e, self.name, self.data_dir) from None
+        return img, lab
+
+    def _crops(self, i):
+        return os.path.dirname(os.path.dirname(os.path.dirname(self.pairs[i][0])))
 
     def __getitem__(self, i):
         img, lab = self.load_raw(i)
@@ -1811,15 +1862,17 @@ class RealSegDataset(torch.utils.data.Dataset):
 
 def _five_crop_one(task):
     """Worker: crop source pair i into 5 (image, label+1) files; skips files already present."""
-    read, i, img_path, lab_path, out, quality = task
+    read, i, img_path, lab_path, out, quality, n_classes, name, data_dir = task
     names = [(os.path.join(out, "img", "train", f"{5 * i + k}.jpg"),
               os.path.join(out, "label", "train", f"{5 * i + k}.png")) for k in range(5)]
     if all(os.path.exists(p) for pair in names for p in pair):
         return i
     try:
-        img, lab = load_pair(read, img_path, lab_path)
+        img, lab = load_pair(read, img_path, lab_path, n_classes)
     except FileNotFoundError as e:
-        raise PPAPError(f"missing {e.filename}") from None
+        raise _missing(e.filename, name, data_dir) from None
+    except Unreadable as e:
+        raise _damaged(e, name, data_dir) from None
     # Pillow's defaults (quality 75, 4:2:0 chroma) are what the authors' and STEGO's crop scripts wrote
     jpeg = dict(quality=quality, subsampling=0) if quality else {}
     stored = Image.fromarray((lab + 1).clip(0, 255).astype(np.uint8))     # mode L
@@ -1834,7 +1887,7 @@ def _sources_digest(pairs):
     so its stale crops are rebuilt instead of silently reused."""
     h = hashlib.sha1()
     for pair in pairs:
-        for p in pair:
+        for p in filter(None, pair):
             try:
                 st = os.stat(p)
                 h.update(f"{os.path.basename(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -1856,7 +1909,7 @@ def _read_json(path):
         return None
 
 
-def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quality=0):
+def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quality=0, n_classes=None):
     """Build (once) the five-crop training set of `pairs` and return its directory.
 
     Crop 5i+k of source pair i is box k of five_crop_boxes (tl, tr, bl, br, centre; half height x
@@ -1895,7 +1948,7 @@ def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quali
                 if ".tmp" in e.name:
                     os.remove(e.path)
         atomic_write(os.path.join(tmp, "sources.json"), lambda p: write_json(p, manifest))
-        tasks = [(read, i, a, b, tmp, quality) for i, (a, b) in enumerate(pairs)]
+        tasks = [(read, i, a, b, tmp, quality, n_classes, name, data_dir) for i, (a, b) in enumerate(pairs)]
         workers = int(workers) if workers and workers > 0 else (os.cpu_count() or 1)
         workers = max(1, min(workers, len(tasks)))
         bar = tqdm(total=len(tasks), desc=f"five-crop {name} -> {out}", unit="img", disable=not progress)
@@ -1910,8 +1963,8 @@ def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quali
                 with ctx.Pool(workers) as pool:
                     for _ in pool.imap_unordered(_five_crop_one, tasks, chunksize=8):
                         bar.update(1)
-        except PPAPError as e:
-            raise PPAPError(f"{e} — run: bash download.sh {name} {data_dir}") from None
+        except PPAPError:
+            raise
         except OSError as e:
             raise PPAPError(f"cannot write the five-crop cache {tmp}: {e.strerror or type(e).__name__} (disk full or "
                             f"read-only?); the next run resumes it") from None
@@ -1929,10 +1982,12 @@ def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quali
 
 
 def five_crop_dataset(name, read, pairs, data_dir, size, class_names, workers=0, progress=True, quality=0):
-    out = build_five_crop(name, read, pairs, data_dir, workers=workers, progress=progress, quality=quality)
+    out = build_five_crop(name, read, pairs, data_dir, workers=workers, progress=progress, quality=quality,
+                          n_classes=len(class_names))
     crops = [(os.path.join(out, "img", "train", f"{j}.jpg"),
               os.path.join(out, "label", "train", f"{j}.png")) for j in range(5 * len(pairs))]
-    return RealSegDataset(name, read_five_crop, crops, size, class_names, data_dir)
+    return RealSegDataset(name, read_five_crop, crops, size, class_names, data_dir,
+                          labelled=all(lab is not None for _, lab in pairs))
 
 
 # ---- per-dataset file lists (each checks its layout first)
@@ -2001,6 +2056,48 @@ def imagenet_s_pairs(data_dir, split, n=50):
     return pairs, ["background"] + wnids
 
 
+FOLDER_LAYOUT = ("DIR/imgs/{train,val}/NAME.jpg|png and DIR/labels/{train,val}/NAME.png (uint8 class ids, 255 = "
+                 "ignore), class names in DIR/classes.txt or --n-classes K (STEGO's directory layout)")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def folder_classes(cfg) -> list:
+    """--data folder: the lines of DIR/classes.txt, else class0..class{K-1} for --n-classes K."""
+    path = os.path.join(cfg.data_dir, "classes.txt")
+    if os.path.isfile(path):
+        names = _read_list(path)
+        if cfg.n_classes and cfg.n_classes != len(names):
+            raise PPAPError(f"{path} names {len(names)} classes but --n-classes is {cfg.n_classes}")
+        if not 1 <= len(names) <= 255:
+            raise PPAPError(f"{path} names {len(names)} classes; a folder dataset has 1 to 255")
+        return names
+    if not 1 <= cfg.n_classes <= 255:
+        raise PPAPError(f"--data folder needs {path} (one class name per line) or --n-classes K (1-255)")
+    return [f"class{k}" for k in range(cfg.n_classes)]
+
+
+def folder_pairs(data_dir, split):
+    """--data folder: (image, label or None) per image of DIR/imgs/<split>, the label DIR/labels/<split>/<stem>.png;
+    a split without its labels folder is unlabelled (every label None)."""
+    img_dir, lab_dir = os.path.join(data_dir, "imgs", split), os.path.join(data_dir, "labels", split)
+    if not os.path.isdir(img_dir):
+        raise PPAPError(f"missing {img_dir} — --data folder reads {FOLDER_LAYOUT}")
+    imgs = sorted(e.name for e in os.scandir(img_dir) if e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file())
+    if not imgs:
+        raise PPAPError(f"{img_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    stems = [os.path.splitext(n)[0] for n in imgs]
+    twice = sorted({st for st in stems if stems.count(st) > 1})
+    if twice:
+        raise PPAPError(f"{img_dir}: {', '.join(twice[:3])} stand there with two image types; one label per stem")
+    if not os.path.isdir(lab_dir):
+        return [(os.path.join(img_dir, n), None) for n in imgs]
+    pairs = [(os.path.join(img_dir, n), os.path.join(lab_dir, st + ".png")) for n, st in zip(imgs, stems)]
+    for img, lab in pairs:
+        if not os.path.isfile(lab):
+            raise PPAPError(f"missing {lab}, the label of {img} ({lab_dir} labels every image of its split)")
+    return pairs
+
+
 def _imagenet_s_variant(cfg):
     """50, 300 or 919 (--imagenet-s-classes)."""
     n = cfg.imagenet_s_classes
@@ -2038,6 +2135,10 @@ DATASETS = {
     "imagenet-s": DatasetSpec(lambda cfg, split: imagenet_s_pairs(cfg.data_dir, split, _imagenet_s_variant(cfg)),
                               read_imagenet_s, ("vit_small", 8), download="imagenet-s",
                               about="ImageNet-S 50/300/919 (--imagenet-s-classes)"),
+    "folder": DatasetSpec(lambda cfg, split: (folder_pairs(cfg.data_dir, split), folder_classes(cfg)),
+                          read_folder, ("vit_small", 8), presets="cocostuff",
+                          about="your own images, --data-dir DIR: " + FOLDER_LAYOUT + "; labels/train may be "
+                                "absent (unlabelled training); the COCO-Stuff presets of the backbone"),
 }
 
 
@@ -2054,12 +2155,13 @@ def build_dataset(cfg: Config, split: str):
         return spec.build(cfg, split)
     pairs, names = spec.files(cfg, split)
     size, data_dir = int(cfg.img_size if split == "train" else cfg.val_size), str(cfg.data_dir)
-    if split == "train" and spec.five_crop:
+    if split == "train" and (spec.five_crop if cfg.five_crop is None else cfg.five_crop):
         workers = cfg.crop_workers or (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         return five_crop_dataset(cfg.data, spec.read, pairs, data_dir, size, names, workers=workers,
                                  progress=cfg.progress, quality=cfg.crop_quality)
-    return RealSegDataset(cfg.data, spec.read, pairs, size, names, data_dir)
+    return RealSegDataset(cfg.data, spec.read, pairs, size, names, data_dir,
+                          labelled=all(lab is not None for _, lab in pairs))
 
 
 def subset(dataset, indices):
@@ -2155,6 +2257,8 @@ def save_checkpoint(model, opts, scaler, cfg: Config, step: int, dataset, best=N
              "step": step, "config": asdict(cfg), "n_classes": dataset.n_classes,
              "class_names": list(dataset.class_names), "git": git_commit(), "best": best,
              "rng": rng or {}, "skipped_steps": skipped_steps}
+    if not getattr(dataset, "labelled", True):      # no train labels: the linear probe never learned
+        state["linear_trained"] = False
     path = os.path.join(cfg.run, "best_on_val.pt" if selection == "best-on-val" else "last.pt")
     try:
         atomic_write(path, lambda p: torch.save(state, p))

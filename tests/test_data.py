@@ -618,13 +618,24 @@ def test_truncated_and_undecodable_images_name_the_file(tmp_path):
     img = tmp_path / 'cocostuff' / 'images' / 'val2017' / f"{ids['val2017'][0]}.jpg"
     img.write_bytes(img.read_bytes()[:300])
     ds = D.build_dataset(cfg('cocostuff', tmp_path), 'val')
-    with pytest.raises(D.PPAPError, match=f"^cannot read {img}: "):
+    # the advice leads somewhere: download.sh sees the deleted file missing and restores it (a damaged file it
+    # would call complete)
+    advice = f" — delete it, then run: bash download.sh cocostuff {tmp_path} \\(it restores missing files\\)$"
+    with pytest.raises(D.PPAPError, match=f"^cannot read {img}: .*{advice}"):
         ds[0]
     # a truncated source image of the train split: the five-crop build names it too
     src = tmp_path / 'cocostuff' / 'images' / 'train2017' / f"{ids['train2017'][0]}.jpg"
-    src.write_bytes(src.read_bytes()[:300])
-    with pytest.raises(D.PPAPError, match=f"^cannot read {src}: .* run: bash download.sh cocostuff"):
+    whole = src.read_bytes()
+    src.write_bytes(whole[:300])
+    with pytest.raises(D.PPAPError, match=f"^cannot read {src}: .*{advice}"):
         D.build_dataset(cfg('cocostuff', tmp_path), 'train')
+    # a damaged five-crop file: rebuild the set, the sources are fine
+    src.write_bytes(whole)
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'train')
+    crop = tmp_path / 'cropped' / 'cocostuff_five_crop_0.5' / 'img' / 'train' / '2.jpg'
+    crop.write_bytes(crop.read_bytes()[:200])
+    with pytest.raises(D.PPAPError, match=f"^cannot read {crop}: .* — delete .*cocostuff_five_crop_0.5 to rebuild"):
+        ds[2]
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
