@@ -81,6 +81,12 @@ def topk_neighbors(q: torch.Tensor, keys: torch.Tensor, k: int, cosine: bool = T
     cosine=True compares L2-normalised vectors (normalised and compared in
     float32 whatever the input dtype, so that half-precision zero rows give 0,
     not NaN), False raw dot products (in the input dtype).
+    What is computed does not depend on the caller's precision settings:
+    float32 similarities are IEEE float32 products under torch.autocast and
+    with TF32 allowed (torch.backends.cuda.matmul.allow_tf32,
+    torch.set_float32_matmul_precision("high"/"medium")); on the CPU, where
+    those settings would let oneDNN use bf16 / TF32, the products are formed
+    in float64 and rounded to float32 instead.
     Returns (values, indices), each [B, M, k] (or [M, k]), sorted descending
     as torch.topk sorts: NaN above every number, equal similarities lowest key
     index first (on CPU and CUDA alike); values have q's dtype, indices are
@@ -88,7 +94,8 @@ def topk_neighbors(q: torch.Tensor, keys: torch.Tensor, k: int, cosine: bool = T
     rounding (blocked products may round differently); indices may differ only
     among equal similarities.
     key_tile / query_block set the tile shape (defaults keep the similarity
-    scratch at 64 MiB on CPU, 256 MiB on CUDA).
+    scratch at 64 MiB on CPU, 256 MiB on CUDA); tiles hold max(key_tile, k)
+    keys on both devices.
     """
     _check_topk_inputs(q, keys, k)
     out_dtype = q.dtype

@@ -201,6 +201,38 @@ def test_topk_cuda_matches_cpu():
     assert ("topk_neighbors", "cuda:0") in _selfcheck._results  # the first CUDA call checked
 
 
+@pytest.mark.parametrize("cosine", [True, False])
+def test_topk_under_cpu_autocast_equals_float32(cosine):
+    """Autocast used to reach the op's own GEMM (the op has no autocast kernel,
+    so the dispatcher passes it through): bf16 products moved values by ~0.1."""
+    gen = torch.Generator().manual_seed(8)
+    q, keys = torch.randn(2, 60, 32, generator=gen), torch.randn(2, 200, 32, generator=gen)
+    values, indices = ext.topk_neighbors(q, keys, 16, cosine, key_tile=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_values, got_indices = ext.topk_neighbors(q, keys, 16, cosine, key_tile=64)
+    assert got_values.dtype == torch.float32
+    assert torch.equal(got_values, values) and torch.equal(got_indices, indices)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_cpu_topk_is_never_below_float32_precision(matmul_precision, precision):
+    """Where torch's float32 matmul precision lets oneDNN use TF32 / bf16, the
+    CPU kernel forms the products in float64 (rounded to float32) instead."""
+    gen = torch.Generator().manual_seed(9)
+    q, keys = torch.randn(40, 64, generator=gen), torch.randn(300, 64, generator=gen)
+    exact = torch.topk((q.double() @ keys.double().T).float(), 10)
+    matmul_precision(precision)
+    values, indices = torch.ops.ppap_ext.topk_neighbors(q[None], keys[None], 10, 64, 16)
+    assert torch.equal(values[0], exact.values) and torch.equal(indices[0], exact.indices)
+
+
+def test_crf_ignores_autocast():
+    image, probs = _scene(12, 10, 4)
+    q = ext.dense_crf(image, probs, iters=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ext.dense_crf(image, probs, iters=3), q)
+
+
 def test_topk_errors():
     q, keys = torch.randn(4, 8), torch.randn(5, 8)
     with pytest.raises(ValueError, match=r"k must be an int in \[1, K=5\]"):
@@ -545,6 +577,33 @@ def test_self_check_catches_a_wrong_kernel(op, run, way_out):
         assert "eval.py --crf-device cpu" in message and "PPAP_EXT_REFERENCE=1" in message
     else:
         assert "PPAP_EXT_REFERENCE=1" in message
+
+
+def test_self_check_allows_a_few_float_steps():
+    """A kernel whose GEMM sums in another order is off by a few float steps.
+    The check's top-k input used to be un-normalised randn (values up to ~25,
+    where 8 steps exceed the 1e-5 tolerance); it is unit vectors now."""
+    def eight_steps_up(*args):
+        values, indices = torch.ops.ppap_ext.topk_neighbors(*args)
+        for _ in range(8):
+            values = torch.nextafter(values, torch.full_like(values, math.inf))
+        return values, indices
+
+    result = ext.self_check("topk_neighbors", "cpu", run=eight_steps_up)
+    assert 0 < result["max_abs"] < 1e-6
+
+
+def test_self_check_runs_with_autocast_disabled():
+    seen = []
+
+    def run(*args):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return torch.ops.ppap_ext.topk_neighbors(*args)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ext.self_check("topk_neighbors", "cpu", run=run)
+        assert torch.is_autocast_enabled("cpu")  # restored
+    assert seen[0][0] is False
 
 
 def test_self_check_runs_once_per_op_and_device(monkeypatch):
