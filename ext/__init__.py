@@ -5,7 +5,8 @@
 The C++/CUDA libraries are built on first use (see ``ext/_build.py``; call
 ``ext.load()`` to build eagerly).  Ops run on the device of their inputs: CPU
 always, CUDA when the CUDA library could be built (``ext.cuda_usable()`` says
-whether it can be, without building).  ``PPAP_EXT_REFERENCE=1`` switches both
+whether it can be, without building; ``ext.usable_device(device)`` picks the
+CPU instead, with the reason, where it cannot).  ``PPAP_EXT_REFERENCE=1`` switches both
 functions to the plain-PyTorch references (debugging only; the CRF reference
 is O(P^2)).  A failed build raises ``BuildError``; there is no silent fallback.
 
@@ -22,7 +23,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._build import BuildError, cuda_buildable, cuda_usable, load_cpu, load_cuda
+from ._build import (BuildError, cuda_buildable, cuda_unusable_reason, cuda_usable, load_cpu,
+                     load_cuda)
 from ._selfcheck import SelfCheckError, maybe_self_check, self_check
 from .reference import dense_crf_reference, topk_neighbors_reference
 
@@ -37,6 +39,7 @@ __all__ = [
     "self_check",
     "topk_neighbors",
     "topk_neighbors_reference",
+    "usable_device",
 ]
 
 DEFAULT_KEY_TILE = 4096
@@ -55,6 +58,27 @@ def load(device: torch.device | str | None = None) -> None:
             load_cuda()
     elif torch.device(device).type != "cpu":
         _ensure_loaded_for(torch.empty(0, device=device))
+
+
+def usable_device(device: torch.device | str) -> tuple[torch.device, str | None]:
+    """Where the ops can run work that lives on `device`, without building.
+
+    Returns (`device`, None) for the CPU and for a GPU the CUDA kernels can be
+    built for (cuda_usable()); otherwise (cpu, reason), the reason one line
+    such as "the CUDA kernels cannot be built here: nvcc was not found
+    (install the CUDA toolkit or set CUDA_HOME)", for the caller to print
+    before running the op on the CPU.  A build that fails anyway still raises
+    BuildError: there is no silent fallback.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return device, None
+    if device.type != "cuda":
+        return torch.device("cpu"), f"the ext kernels support CPU and CUDA, not {device.type}"
+    reason = cuda_unusable_reason()
+    if reason is None:
+        return device, None
+    return torch.device("cpu"), f"the CUDA kernels cannot be built here: {reason}"
 
 
 def _ensure_loaded_for(t: torch.Tensor) -> None:

@@ -722,6 +722,66 @@ def test_cuda_usable_needs_a_gpu_and_nvcc(monkeypatch):
     assert not ext.cuda_usable()
 
 
+def test_usable_device_falls_back_to_the_cpu_with_the_reason(monkeypatch):
+    """eval.py runs the CRF and the kNN table where usable_device says: a GPU
+    machine without nvcc gets both on the CPU, with one line saying why."""
+    cpu = torch.device("cpu")
+    assert ext.usable_device("cpu") == (cpu, None)
+    _fake_gpu(monkeypatch, (9, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_build, "nvcc_path", lambda: None)
+    device, note = ext.usable_device("cuda:0")
+    assert device == cpu and "\n" not in note
+    assert note == ("the CUDA kernels cannot be built here: nvcc was not found (install the CUDA "
+                    "toolkit or set CUDA_HOME)")
+    monkeypatch.setattr(_build, "nvcc_path", lambda: "/usr/local/cuda/bin/nvcc")
+    if torch.version.cuda is not None:
+        assert ext.usable_device(torch.device("cuda", 0)) == (torch.device("cuda", 0), None)
+        _fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        device, note = ext.usable_device("cuda")
+        assert device == cpu and "Tesla T4" in note and "TORCH_CUDA_ARCH_LIST" in note
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ext.usable_device("cuda") == (cpu, "the CUDA kernels cannot be built here: no CUDA "
+                                              "GPU is visible")
+
+
+def _fake_toolkit(root: Path, runtime: str, lib: str = "lib") -> Path:
+    """A CUDA toolkit folder: bin/nvcc (reporting its TOP as nvcc --dryrun
+    does) and lib/<runtime>."""
+    (root / "bin").mkdir(parents=True)
+    (root / lib).mkdir()
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ TOP={root}/bin/..'\n")
+    nvcc.chmod(0o755)
+    (root / lib / runtime).write_bytes(b"")
+    return root
+
+
+def test_cuda_link_flags_name_the_runtime_of_a_pypi_toolkit(tmp_path, monkeypatch):
+    """NVIDIA's toolkit from PyPI (nvidia/cu13) ships only libcudart.so.13:
+    -lcudart failed, or silently linked /usr/local/cuda's runtime where that
+    exists too.  The flags must point at this toolkit's runtime only."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    toolkit = _fake_toolkit(tmp_path / "site-packages" / "nvidia" / "cu13", "libcudart.so.13")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    build = tmp_path / "build"
+    flags = _build._cuda_link_flags(build)
+    dirs = [Path(f[2:]) for f in flags if f.startswith("-L")]
+    assert dirs and all(d.is_relative_to(toolkit) or d.is_relative_to(build) for d in dirs), flags
+    runtimes = [(d / "libcudart.so").resolve() for d in dirs if (d / "libcudart.so").exists()]
+    assert runtimes == [(toolkit / "lib" / "libcudart.so.13").resolve()], flags
+    assert not any("/usr/local/cuda" in f for f in flags)
+    assert _build._cuda_link_flags(build) == flags  # a second build reuses the link
+
+    # A toolkit with the development link is linked where it is.
+    other = _fake_toolkit(tmp_path / "cuda-13.0", "libcudart.so", lib="lib64")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(other))
+    assert _build._cuda_link_flags(build) == [f"-L{other / 'lib64'}"]
+
+
 def test_load_cpu_needs_no_nvcc(tmp_path):
     """ext.load("cpu") and the CPU ops work where nvcc cannot be found."""
     # PATH without the folders holding nvcc; the rest stays, so that the same
