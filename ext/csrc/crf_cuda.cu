@@ -14,10 +14,10 @@
 // mean-field arithmetic between filterings uses ATen ops on the GPU.  Splat
 // atomics make the summation order (hence the last bits) nondeterministic.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
+#include <vector>
+
+#include "cuda_api.h"
 #include "lattice_geometry.h"
 #include "ops.h"
 
@@ -30,7 +30,7 @@ struct LatticeScales {
   float s[kMaxDim];
 };
 
-unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
 __global__ void simplex_kernel(int n_pixels, int width, const uint8_t* __restrict__ image,
                                int channels, float sxy, float srgb, int d, LatticeScales scale,
@@ -164,19 +164,16 @@ GpuLattice build_lattice(int n_pixels, int width, const uint8_t* image, int chan
   for (int i = 0; i < d; ++i) scale.s[i] = lattice_scale(i, d);
   at::Tensor keys = at::empty({n_vertices * d}, int_opts);
   L.bary = at::empty({n_vertices}, device_opts.dtype(at::kFloat));
-  simplex_kernel<<<blocks_for(n_pixels), kThreads, 0, stream>>>(
-      n_pixels, width, image, channels, sxy, srgb, d, scale, keys.data_ptr<int>(),
-      L.bary.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(simplex_kernel, blocks_for(n_pixels), kThreads, stream, n_pixels, width, image, channels,
+         sxy, srgb, d, scale, keys.data_ptr<int>(), L.bary.data_ptr<float>());
 
   const int64_t table_size = next_pow2(2 * n_vertices + 1);
   TORCH_CHECK(table_size <= (int64_t(1) << 32), "ppap_ext::dense_crf: lattice hash table too large");
   const uint32_t mask = static_cast<uint32_t>(table_size - 1);  // the hash is 32 bits
   at::Tensor table = at::full({table_size}, -1, int_opts);
   at::Tensor owner = at::empty({n_vertices}, int_opts);
-  insert_kernel<<<blocks_for(n_vertices), kThreads, 0, stream>>>(
-      n_vertices, d, keys.data_ptr<int>(), table.data_ptr<int>(), mask, owner.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(insert_kernel, blocks_for(n_vertices), kThreads, stream, n_vertices, d,
+         keys.data_ptr<int>(), table.data_ptr<int>(), mask, owner.data_ptr<int>());
 
   // Lattice points = claiming vertices, numbered in vertex order.
   const at::Tensor is_owner = owner.eq(at::arange(n_vertices, int_opts));
@@ -186,13 +183,9 @@ GpuLattice build_lattice(int n_pixels, int width, const uint8_t* image, int chan
   L.offset = point_of.index_select(0, owner.to(at::kLong)).contiguous();
 
   L.neighbors = at::empty({int64_t(nv) * L.n_points * 2}, int_opts);
-  if (L.n_points > 0) {
-    neighbor_kernel<<<blocks_for(L.n_points), kThreads, 0, stream>>>(
-        L.n_points, d, representative.data_ptr<int64_t>(), keys.data_ptr<int>(),
-        table.data_ptr<int>(), mask, point_of.data_ptr<int>(),
-        L.neighbors.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch(neighbor_kernel, blocks_for(L.n_points), kThreads, stream, L.n_points, d,
+         representative.data_ptr<int64_t>(), keys.data_ptr<int>(), table.data_ptr<int>(), mask,
+         point_of.data_ptr<int>(), L.neighbors.data_ptr<int>());
   return L;
 }
 
@@ -203,22 +196,19 @@ at::Tensor lattice_filter(const GpuLattice& L, const at::Tensor& in, cudaStream_
   const int64_t n_vertices = int64_t(L.n_pixels) * nv;
   at::Tensor cur = at::zeros({int64_t(L.n_points) + 1, C}, in.options());
   at::Tensor nxt = at::zeros_like(cur);  // row 0 must stay zero in both buffers
-  splat_kernel<<<blocks_for(n_vertices * C), kThreads, 0, stream>>>(
-      n_vertices, nv, C, in.data_ptr<float>(), L.offset.data_ptr<int>(), L.bary.data_ptr<float>(),
-      cur.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(splat_kernel, blocks_for(n_vertices * C), kThreads, stream, n_vertices, nv, C,
+         in.data_ptr<float>(), L.offset.data_ptr<int>(), L.bary.data_ptr<float>(),
+         cur.data_ptr<float>());
   for (int j = 0; j <= L.d; ++j) {
-    blur_kernel<<<blocks_for(int64_t(L.n_points) * C), kThreads, 0, stream>>>(
-        L.n_points, C, L.neighbors.data_ptr<int>() + int64_t(j) * L.n_points * 2,
-        cur.data_ptr<float>(), nxt.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(blur_kernel, blocks_for(int64_t(L.n_points) * C), kThreads, stream, L.n_points, C,
+           L.neighbors.data_ptr<int>() + int64_t(j) * L.n_points * 2, cur.data_ptr<float>(),
+           nxt.data_ptr<float>());
     std::swap(cur, nxt);
   }
   at::Tensor out = at::empty_like(in);
-  slice_kernel<<<blocks_for(int64_t(L.n_pixels) * C), kThreads, 0, stream>>>(
-      L.n_pixels, nv, C, L.offset.data_ptr<int>(), L.bary.data_ptr<float>(),
-      cur.data_ptr<float>(), slice_alpha(L.d), out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(slice_kernel, blocks_for(int64_t(L.n_pixels) * C), kThreads, stream, L.n_pixels, nv, C,
+         L.offset.data_ptr<int>(), L.bary.data_ptr<float>(), cur.data_ptr<float>(),
+         slice_alpha(L.d), out.data_ptr<float>());
   return out;
 }
 
@@ -268,12 +258,13 @@ at::Tensor dense_crf_cuda(const at::Tensor& image, const at::Tensor& probs, int6
                           double pos_xy, double pos_w, double bi_xy, double bi_rgb, double bi_w) {
   check_crf_args(image, probs, iters);
   check_crf_params(probs, pos_xy, pos_w, bi_xy, bi_rgb, bi_w);
-  const c10::cuda::CUDAGuard guard(probs.device());
+  const DeviceGuard guard(probs.device());
+  const Float32Math float32_math;
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
   const at::Tensor img = image.contiguous();
   const at::Tensor prob_pc = probs.permute({0, 2, 3, 1}).contiguous().view({B, H * W, C});
   at::Tensor q_pc = at::empty_like(prob_pc);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   for (int64_t b = 0; b < B; ++b) {
     q_pc[b].copy_(crf_one_image(img[b], prob_pc[b], iters, pos_xy, pos_w, bi_xy, bi_rgb, bi_w,
                                 stream));
