@@ -36,8 +36,12 @@ _HERE = Path(__file__).resolve().parent
 CSRC = _HERE / "csrc"
 CPU_NAME = "ppap_ext_cpu"
 CUDA_NAME = "ppap_ext_cuda"
+SHIM_NAME = "ppap_ext_shim"
 CPU_SOURCES = ("ops_cpu.cpp", "topk_cpu.cpp", "crf_cpu.cpp")
 CUDA_SOURCES = ("ops_cuda.cpp", "topk_cuda.cu", "crf_cuda.cu")
+# The CUDA sources compiled as C++ against the host emulation of CUDA
+# (csrc/shim/cuda_shim.h), for the tests: the kernels' logic runs on the CPU.
+SHIM_SOURCES = ("shim/ops_shim.cpp", "shim/kernels_shim.cpp", "shim/cuda_shim.cpp")
 # Used when no GPU is visible to pick architectures (e.g. compile-only checks).
 # PTX of the highest architecture lets newer GPUs (Blackwell, ...) JIT-compile
 # the kernels; without any PTX they fail at the first launch.
@@ -51,6 +55,9 @@ OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 # kernels and must round the same way in both (nvcc contracts by default,
 # which moved the CUDA CRF from pydensecrf by up to 2.4e-4 at 480x640, 27 classes).
 CXX_FLAGS = ["-O3", "-ffp-contract=off", *OPENMP_FLAGS]
+# Hidden symbols: the emulation defines the same ppap::*_cuda functions as the
+# real CUDA library, which a GPU machine's test run loads into the same process.
+SHIM_FLAGS = ["-DPPAP_CUDA_SHIM", "-fvisibility=hidden"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--fmad=false", "-Xcompiler=-ffp-contract=off"]
 
 _state_lock = threading.Lock()
@@ -110,6 +117,14 @@ def cuda_usable() -> bool:
 def load_cpu() -> str:
     """Builds (if needed) and loads the CPU library; returns its path."""
     return _load(CPU_NAME, CPU_SOURCES, with_cuda=False)
+
+
+def load_shim() -> str:
+    """Builds (if needed) and loads the CUDA emulation library (tests only;
+    needs no nvcc and no GPU): torch.ops.ppap_ext_shim.topk_neighbors and
+    .dense_crf run the CUDA implementations on CPU tensors."""
+    load_cpu()
+    return _load(SHIM_NAME, SHIM_SOURCES, with_cuda=False, extra_cflags=SHIM_FLAGS)
 
 
 def load_cuda() -> str:
@@ -343,14 +358,15 @@ def check_devices_supported(archs: str, built=None) -> None:
                 "visible GPUs")
 
 
-def _load(name: str, sources: tuple[str, ...], with_cuda: bool, archs: str | None = None) -> str:
+def _load(name: str, sources: tuple[str, ...], with_cuda: bool, archs: str | None = None,
+          extra_cflags: list[str] | None = None) -> str:
     """Builds and loads library `name` once per process; `archs`: the
     TORCH_CUDA_ARCH_LIST of a CUDA build (it also names the build folder)."""
     with _state_lock:
         if name in _loaded:
             return _loaded[name]
         _check_toolchain(with_cuda)
-        cflags = list(CXX_FLAGS)
+        cflags = list(CXX_FLAGS) + list(extra_cflags or [])
         cuda_flags = list(NVCC_FLAGS)
         build_dir = build_root() / name
         if with_cuda:
