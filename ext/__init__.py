@@ -5,7 +5,8 @@
 The C++/CUDA libraries are built on first use (see ``ext/_build.py``; call
 ``ext.load()`` to build eagerly).  Ops run on the device of their inputs: CPU
 always, CUDA when the CUDA library could be built (``ext.cuda_usable()`` says
-whether it can be, without building).  ``PPAP_EXT_REFERENCE=1`` switches both
+whether it can be, without building; ``ext.usable_device(device)`` picks the
+CPU instead, with the reason, where it cannot).  ``PPAP_EXT_REFERENCE=1`` switches both
 functions to the plain-PyTorch references (debugging only; the CRF reference
 is O(P^2)).  A failed build raises ``BuildError``; there is no silent fallback.
 
@@ -22,7 +23,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._build import BuildError, cuda_buildable, cuda_usable, load_cpu, load_cuda
+from ._build import (BuildError, cuda_buildable, cuda_unusable_reason, cuda_usable, load_cpu,
+                     load_cuda)
 from ._selfcheck import SelfCheckError, maybe_self_check, self_check
 from .reference import dense_crf_reference, topk_neighbors_reference
 
@@ -37,6 +39,7 @@ __all__ = [
     "self_check",
     "topk_neighbors",
     "topk_neighbors_reference",
+    "usable_device",
 ]
 
 DEFAULT_KEY_TILE = 4096
@@ -55,6 +58,27 @@ def load(device: torch.device | str | None = None) -> None:
             load_cuda()
     elif torch.device(device).type != "cpu":
         _ensure_loaded_for(torch.empty(0, device=device))
+
+
+def usable_device(device: torch.device | str) -> tuple[torch.device, str | None]:
+    """Where the ops can run work that lives on `device`, without building.
+
+    Returns (`device`, None) for the CPU and for a GPU the CUDA kernels can be
+    built for (cuda_usable()); otherwise (cpu, reason), the reason one line
+    such as "the CUDA kernels cannot be built here: nvcc was not found
+    (install the CUDA toolkit or set CUDA_HOME)", for the caller to print
+    before running the op on the CPU.  A build that fails anyway still raises
+    BuildError: there is no silent fallback.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return device, None
+    if device.type != "cuda":
+        return torch.device("cpu"), f"the ext kernels support CPU and CUDA, not {device.type}"
+    reason = cuda_unusable_reason()
+    if reason is None:
+        return device, None
+    return torch.device("cpu"), f"the CUDA kernels cannot be built here: {reason}"
 
 
 def _ensure_loaded_for(t: torch.Tensor) -> None:
@@ -81,6 +105,12 @@ def topk_neighbors(q: torch.Tensor, keys: torch.Tensor, k: int, cosine: bool = T
     cosine=True compares L2-normalised vectors (normalised and compared in
     float32 whatever the input dtype, so that half-precision zero rows give 0,
     not NaN), False raw dot products (in the input dtype).
+    What is computed does not depend on the caller's precision settings:
+    float32 similarities are IEEE float32 products under torch.autocast and
+    with TF32 allowed (torch.backends.cuda.matmul.allow_tf32,
+    torch.set_float32_matmul_precision("high"/"medium")); on the CPU, where
+    those settings would let oneDNN use bf16 / TF32, the products are formed
+    in float64 and rounded to float32 instead.
     Returns (values, indices), each [B, M, k] (or [M, k]), sorted descending
     as torch.topk sorts: NaN above every number, equal similarities lowest key
     index first (on CPU and CUDA alike); values have q's dtype, indices are
@@ -88,7 +118,8 @@ def topk_neighbors(q: torch.Tensor, keys: torch.Tensor, k: int, cosine: bool = T
     rounding (blocked products may round differently); indices may differ only
     among equal similarities.
     key_tile / query_block set the tile shape (defaults keep the similarity
-    scratch at 64 MiB on CPU, 256 MiB on CUDA).
+    scratch at 64 MiB on CPU, 256 MiB on CUDA); tiles hold max(key_tile, k)
+    keys on both devices.
     """
     _check_topk_inputs(q, keys, k)
     out_dtype = q.dtype

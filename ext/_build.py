@@ -36,8 +36,12 @@ _HERE = Path(__file__).resolve().parent
 CSRC = _HERE / "csrc"
 CPU_NAME = "ppap_ext_cpu"
 CUDA_NAME = "ppap_ext_cuda"
+SHIM_NAME = "ppap_ext_shim"
 CPU_SOURCES = ("ops_cpu.cpp", "topk_cpu.cpp", "crf_cpu.cpp")
 CUDA_SOURCES = ("ops_cuda.cpp", "topk_cuda.cu", "crf_cuda.cu")
+# The CUDA sources compiled as C++ against the host emulation of CUDA
+# (csrc/shim/cuda_shim.h), for the tests: the kernels' logic runs on the CPU.
+SHIM_SOURCES = ("shim/ops_shim.cpp", "shim/kernels_shim.cpp", "shim/cuda_shim.cpp")
 # Used when no GPU is visible to pick architectures (e.g. compile-only checks).
 # PTX of the highest architecture lets newer GPUs (Blackwell, ...) JIT-compile
 # the kernels; without any PTX they fail at the first launch.
@@ -51,6 +55,9 @@ OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 # kernels and must round the same way in both (nvcc contracts by default,
 # which moved the CUDA CRF from pydensecrf by up to 2.4e-4 at 480x640, 27 classes).
 CXX_FLAGS = ["-O3", "-ffp-contract=off", *OPENMP_FLAGS]
+# Hidden symbols: the emulation defines the same ppap::*_cuda functions as the
+# real CUDA library, which a GPU machine's test run loads into the same process.
+SHIM_FLAGS = ["-DPPAP_CUDA_SHIM", "-fvisibility=hidden"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "--fmad=false", "-Xcompiler=-ffp-contract=off"]
 
 _state_lock = threading.Lock()
@@ -84,22 +91,40 @@ def cuda_buildable() -> bool:
     return torch.cuda.is_available() and torch.version.cuda is not None and nvcc_path() is not None
 
 
-def cuda_usable() -> bool:
-    """True when CUDA tensors can use the kernels: a GPU is visible, PyTorch has
-    CUDA, nvcc is present, and the architectures to build run on every visible
-    GPU.  (The build itself may still fail; that raises BuildError on use.)"""
-    if not cuda_buildable():
-        return False
+def cuda_unusable_reason() -> str | None:
+    """Why CUDA tensors cannot use the kernels here (one line), or None when
+    they can: a GPU is visible, PyTorch has CUDA, nvcc is present, and the
+    architectures to build run on every visible GPU.  (The build itself may
+    still fail; that raises BuildError on use.)"""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support"
+    if nvcc_path() is None:
+        return "nvcc was not found (install the CUDA toolkit or set CUDA_HOME)"
     try:
         check_devices_supported(cuda_arch_list())
-    except BuildError:
-        return False
-    return True
+    except BuildError as exc:
+        return str(exc).removeprefix("ext: ")
+    return None
+
+
+def cuda_usable() -> bool:
+    """True when CUDA tensors can use the kernels (see cuda_unusable_reason)."""
+    return cuda_unusable_reason() is None
 
 
 def load_cpu() -> str:
     """Builds (if needed) and loads the CPU library; returns its path."""
     return _load(CPU_NAME, CPU_SOURCES, with_cuda=False)
+
+
+def load_shim() -> str:
+    """Builds (if needed) and loads the CUDA emulation library (tests only;
+    needs no nvcc and no GPU): torch.ops.ppap_ext_shim.topk_neighbors and
+    .dense_crf run the CUDA implementations on CPU tensors."""
+    load_cpu()
+    return _load(SHIM_NAME, SHIM_SOURCES, with_cuda=False, extra_cflags=SHIM_FLAGS)
 
 
 def load_cuda() -> str:
@@ -141,13 +166,21 @@ def cuda_build_dir() -> Path:
     return build_root() / f"{CUDA_NAME}_{cuda_arch_tag(cuda_arch_list())}"
 
 
-def _cuda_link_flags() -> list[str]:
-    """-L for the toolkit's libcudart.so.
+_CUDA_LIB_DIRS = ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
 
-    cpp_extension derives CUDA_HOME from the nvcc on PATH without resolving
-    symlinks (/usr/local/bin/nvcc -> /usr/local/cuda/bin/nvcc gives
-    /usr/local), then links -lcudart from a directory that lacks it.  The
-    real toolkit directory is added; extra -L entries are harmless.
+
+def _cuda_link_flags(build_dir: Path) -> list[str]:
+    """-L for the CUDA runtime of the toolkit that compiles the kernels.
+
+    cpp_extension links `-lcudart` from CUDA_HOME/lib64 (or lib), which fails
+    (a) where CUDA_HOME is derived from an nvcc symlink without resolving it
+    (/usr/local/bin/nvcc -> /usr/local/cuda/bin/nvcc gives /usr/local) and
+    (b) with NVIDIA's toolkit from PyPI (CUDA_HOME inside nvidia/cu13), whose
+    lib/ holds only the runtime itself, libcudart.so.13, without the
+    libcudart.so link that -lcudart looks for.  The runtime is searched in
+    that toolkit only (CUDA_HOME, the resolved nvcc, nvcc's own TOP), never in
+    another toolkit on the machine; a runtime present only as libcudart.so.N
+    gets a libcudart.so link to it in the build folder.
     """
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -156,12 +189,33 @@ def _cuda_link_flags() -> list[str]:
     if nvcc:
         homes.append(Path(nvcc).resolve().parent.parent)
         homes.extend(_nvcc_toolkit_dirs(nvcc))  # nvcc may be a wrapper script
-    homes.append(Path("/usr/local/cuda"))
-    for home in homes:
-        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
-            if (home / sub / "libcudart.so").exists():
-                return [f"-L{home / sub}"]
+    for home in dict.fromkeys(homes):
+        for sub in _CUDA_LIB_DIRS:
+            lib = home / sub
+            if (lib / "libcudart.so").exists():
+                return [f"-L{lib}"]
+            runtime = _versioned_cudart(lib)
+            if runtime is not None:
+                link_dir = build_dir / "cudart"
+                link_dir.mkdir(parents=True, exist_ok=True)
+                staged = link_dir / f".libcudart.so.{os.getpid()}"  # replaced atomically:
+                staged.unlink(missing_ok=True)                        # builds may race here
+                staged.symlink_to(runtime)
+                os.replace(staged, link_dir / "libcudart.so")
+                return [f"-L{link_dir}"]
     return []
+
+
+def _versioned_cudart(lib: Path) -> Path | None:
+    """lib/libcudart.so.N (N: this PyTorch's CUDA major version if present,
+    else the highest), resolved; None if there is none."""
+    found = sorted(lib.glob("libcudart.so.*"), key=lambda p: [int(x) if x.isdigit() else -1
+                                                              for x in p.name.split(".")[2:]])
+    if not found:
+        return None
+    major = (torch.version.cuda or "").split(".")[0]
+    exact = [p for p in found if p.name == f"libcudart.so.{major}"]
+    return (exact or found)[-1].resolve()
 
 
 def _nvcc_toolkit_dirs(nvcc: str) -> list[Path]:
@@ -304,14 +358,15 @@ def check_devices_supported(archs: str, built=None) -> None:
                 "visible GPUs")
 
 
-def _load(name: str, sources: tuple[str, ...], with_cuda: bool, archs: str | None = None) -> str:
+def _load(name: str, sources: tuple[str, ...], with_cuda: bool, archs: str | None = None,
+          extra_cflags: list[str] | None = None) -> str:
     """Builds and loads library `name` once per process; `archs`: the
     TORCH_CUDA_ARCH_LIST of a CUDA build (it also names the build folder)."""
     with _state_lock:
         if name in _loaded:
             return _loaded[name]
         _check_toolchain(with_cuda)
-        cflags = list(CXX_FLAGS)
+        cflags = list(CXX_FLAGS) + list(extra_cflags or [])
         cuda_flags = list(NVCC_FLAGS)
         build_dir = build_root() / name
         if with_cuda:
@@ -337,7 +392,7 @@ def _load(name: str, sources: tuple[str, ...], with_cuda: bool, archs: str | Non
                 extra_cflags=cflags,
                 extra_cuda_cflags=cuda_flags if with_cuda else None,
                 extra_include_paths=[str(CSRC)],
-                extra_ldflags=OPENMP_FLAGS + (_cuda_link_flags() if with_cuda else []),
+                extra_ldflags=OPENMP_FLAGS + (_cuda_link_flags(build_dir) if with_cuda else []),
                 build_directory=str(build_dir),
                 with_cuda=with_cuda,
                 is_python_module=False,

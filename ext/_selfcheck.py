@@ -10,16 +10,27 @@ skips it (benchmarks).
 Tolerances: CRF max |dQ| <= 1e-4 and the same argmax on >= 99.9 % of pixels
 (the kernels round the lattice arithmetic identically; only the order of the
 CUDA splat's atomic additions differs); top-k values within 1e-5 and indices
-equal except among similarities equal to within 1e-5.
+equal except among similarities equal to within 1e-5.  The top-k input is
+unit vectors (cosine similarity, what the op is for), so values are at most
+1 in magnitude, where a float step is at most 1.2e-7: the tolerance covers
+~80 steps, far more than summation orders differ by, and far less than
+half-precision or TF32 arithmetic (~1e-3) would give.
+
+The check runs with autocast disabled, and the ops themselves ignore
+autocast and TF32 settings (csrc/ops.h, Float32Math), so a caller's
+torch.autocast or torch.set_float32_matmul_precision("high") can neither make
+it fail nor change what it checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 CRF_MAX_ABS = 1e-4
 CRF_MIN_ARGMAX_AGREEMENT = 0.999
@@ -66,12 +77,13 @@ def crf_inputs() -> tuple:
 
 
 def topk_inputs() -> tuple:
-    """torch.ops.ppap_ext.topk_neighbors arguments: 300 queries, 200 keys, k=16,
-    several key tiles and query blocks."""
+    """torch.ops.ppap_ext.topk_neighbors arguments: 120 queries and 200 keys,
+    unit vectors of 32 dimensions, k=16, key tiles of 64 and query blocks of
+    48 (several of each, the last ones partial)."""
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 300, 32, generator=gen)
-    keys = torch.randn(1, 200, 32, generator=gen)
-    return (q, keys, 16, 64, 128)
+    q = F.normalize(torch.randn(1, 120, 32, generator=gen), dim=-1)
+    keys = F.normalize(torch.randn(1, 200, 32, generator=gen), dim=-1)
+    return (q, keys, 16, 64, 48)
 
 
 _INPUTS = {"dense_crf": crf_inputs, "topk_neighbors": topk_inputs}
@@ -122,13 +134,22 @@ def self_check(op_name: str, device: torch.device | str,
         def run(*args):
             return op(*_on(device, args))
     args = _INPUTS[op_name]()
-    expected = op(*args)  # the CPU kernel
-    got = _cpu(run(*args))
+    with _autocast_disabled(device):
+        expected = op(*args)  # the CPU kernel
+        got = _cpu(run(*args))
     runs += 1
     where = f"ext: self-check of the {op_name} kernel on {_device_label(device)} failed"
     if op_name == "dense_crf":
         return _compare_crf(expected, got, where)
     return _compare_topk(args, expected, got, where)
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.ExitStack:
+    """Autocast off for the CPU and for `device` (each has its own switch)."""
+    stack = contextlib.ExitStack()
+    for device_type in dict.fromkeys(("cpu", device.type)):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def _compare_crf(expected: torch.Tensor, got: torch.Tensor, where: str) -> dict[str, float]:

@@ -9,8 +9,12 @@
 #   env        nvidia-smi, interpreter check; creates .venv and pip-installs the requirements when
 #              .venv/bin/python cannot import torch (PIP_ARGS adds pip options, e.g. an --index-url)
 #   build      JIT build of ext/ (CPU + CUDA libraries), MAX_JOBS=16, TORCH_CUDA_ARCH_LIST = this GPU
-#   tests      pytest tests -k "cuda or gpu" (the CUDA tests of tests/test_ext.py and any other test
-#              named for CUDA), under `timeout`
+#   selfcheck  ext.self_check of both CUDA ops as a process sees them first, then under
+#              torch.autocast (fp16, bf16) and with TF32 allowed (float32 matmul precision "high",
+#              "medium"): each passed or its one-line error -> $OUT/selfcheck.json
+#   tests      pytest tests -k "(cuda or gpu) and not shim" (the CUDA tests of tests/test_ext.py and
+#              any other test named for CUDA; the CPU emulation of the kernels is left to the CPU
+#              suite), under `timeout`
 #   bench_ext  tests/bench_ext.py --json (CRF and top-k, CPU and CUDA)
 #   bench      tests/benchmarks.py --device cuda: loss and training step at B=64, profile of ours' loss
 #   bench_b8   tests/benchmarks.py --device cuda --only loss --loss-batch 8 (the CPU benchmark's shape)
@@ -34,7 +38,7 @@ PARTS="$OUT/parts.tsv"
 : > "$PARTS"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
-WANTED=${GPU_CHECK_PARTS:-build,tests,bench_ext,bench,mem64,loader,bench_b8,bench_bf16}
+WANTED=${GPU_CHECK_PARTS:-build,selfcheck,tests,bench_ext,bench,mem64,loader,bench_b8,bench_bf16}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 
@@ -124,7 +128,42 @@ print('loaded:', _build._loaded)
 assert torch.cuda.is_available(), 'torch sees no GPU'
 assert _build.CUDA_NAME in _build._loaded, 'CUDA library not built (nvcc not found?)'
 "
-run_part tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests -k "cuda or gpu"
+run_part selfcheck 90 "$PY" -c "
+import contextlib, json, sys, torch, ext
+from ext import _selfcheck
+
+
+@contextlib.contextmanager
+def matmul_precision(precision):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+settings = {
+    'plain': contextlib.nullcontext,
+    'autocast_fp16': lambda: torch.autocast('cuda', dtype=torch.float16),
+    'autocast_bf16': lambda: torch.autocast('cuda', dtype=torch.bfloat16),
+    'tf32_high': lambda: matmul_precision('high'),
+    'tf32_medium': lambda: matmul_precision('medium'),
+}
+results = {}
+for name, setting in settings.items():
+    for op in _selfcheck.OPS:
+        try:
+            with setting():
+                found = ext.self_check(op, 'cuda')
+            results[f'{op}/{name}'] = dict(passed=True, **found)
+        except Exception as e:  # noqa: BLE001 - every outcome is reported
+            results[f'{op}/{name}'] = dict(passed=False, error=type(e).__name__ + ': ' + ' '.join(str(e).split())[:400])
+        print(f'{op:15s} {name:14s}', json.dumps(results[f'{op}/{name}']))
+json.dump(results, open('$OUT/selfcheck.json', 'w'), indent=2)
+sys.exit(0 if all(r['passed'] for r in results.values()) else 1)
+"
+run_part tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests -k "(cuda or gpu) and not shim"
 run_part bench_ext 120 "$PY" tests/bench_ext.py --json "$OUT/bench_ext.json"
 run_part bench 180 "$PY" tests/benchmarks.py --device cuda --loss-batch 64 --batch 64 --profile \
     --json "$OUT/bench.json"
@@ -161,7 +200,7 @@ for line in open(os.path.join(out, "parts.tsv")):
     name, rc, secs, limit = line.rstrip("\n").split("\t")
     report["parts"][name] = {"rc": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(secs),
                              "limit_s": limit, "log": f"{name}.log"}
-for key in ("bench", "mem64", "loader", "bench_b8", "bench_bf16", "bench_ext"):
+for key in ("selfcheck", "bench", "mem64", "loader", "bench_b8", "bench_bf16", "bench_ext"):
     path = os.path.join(out, key + ".json")
     if os.path.exists(path):
         try:

@@ -201,6 +201,38 @@ def test_topk_cuda_matches_cpu():
     assert ("topk_neighbors", "cuda:0") in _selfcheck._results  # the first CUDA call checked
 
 
+@pytest.mark.parametrize("cosine", [True, False])
+def test_topk_under_cpu_autocast_equals_float32(cosine):
+    """Autocast used to reach the op's own GEMM (the op has no autocast kernel,
+    so the dispatcher passes it through): bf16 products moved values by ~0.1."""
+    gen = torch.Generator().manual_seed(8)
+    q, keys = torch.randn(2, 60, 32, generator=gen), torch.randn(2, 200, 32, generator=gen)
+    values, indices = ext.topk_neighbors(q, keys, 16, cosine, key_tile=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_values, got_indices = ext.topk_neighbors(q, keys, 16, cosine, key_tile=64)
+    assert got_values.dtype == torch.float32
+    assert torch.equal(got_values, values) and torch.equal(got_indices, indices)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_cpu_topk_is_never_below_float32_precision(matmul_precision, precision):
+    """Where torch's float32 matmul precision lets oneDNN use TF32 / bf16, the
+    CPU kernel forms the products in float64 (rounded to float32) instead."""
+    gen = torch.Generator().manual_seed(9)
+    q, keys = torch.randn(40, 64, generator=gen), torch.randn(300, 64, generator=gen)
+    exact = torch.topk((q.double() @ keys.double().T).float(), 10)
+    matmul_precision(precision)
+    values, indices = torch.ops.ppap_ext.topk_neighbors(q[None], keys[None], 10, 64, 16)
+    assert torch.equal(values[0], exact.values) and torch.equal(indices[0], exact.indices)
+
+
+def test_crf_ignores_autocast():
+    image, probs = _scene(12, 10, 4)
+    q = ext.dense_crf(image, probs, iters=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ext.dense_crf(image, probs, iters=3), q)
+
+
 def test_topk_errors():
     q, keys = torch.randn(4, 8), torch.randn(5, 8)
     with pytest.raises(ValueError, match=r"k must be an int in \[1, K=5\]"):
@@ -547,6 +579,33 @@ def test_self_check_catches_a_wrong_kernel(op, run, way_out):
         assert "PPAP_EXT_REFERENCE=1" in message
 
 
+def test_self_check_allows_a_few_float_steps():
+    """A kernel whose GEMM sums in another order is off by a few float steps.
+    The check's top-k input used to be un-normalised randn (values up to ~25,
+    where 8 steps exceed the 1e-5 tolerance); it is unit vectors now."""
+    def eight_steps_up(*args):
+        values, indices = torch.ops.ppap_ext.topk_neighbors(*args)
+        for _ in range(8):
+            values = torch.nextafter(values, torch.full_like(values, math.inf))
+        return values, indices
+
+    result = ext.self_check("topk_neighbors", "cpu", run=eight_steps_up)
+    assert 0 < result["max_abs"] < 1e-6
+
+
+def test_self_check_runs_with_autocast_disabled():
+    seen = []
+
+    def run(*args):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return torch.ops.ppap_ext.topk_neighbors(*args)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ext.self_check("topk_neighbors", "cpu", run=run)
+        assert torch.is_autocast_enabled("cpu")  # restored
+    assert seen[0][0] is False
+
+
 def test_self_check_runs_once_per_op_and_device(monkeypatch):
     monkeypatch.setattr(_selfcheck, "_results", {})
     monkeypatch.delenv("PPAP_EXT_SKIP_SELFCHECK", raising=False)
@@ -661,6 +720,66 @@ def test_cuda_usable_needs_a_gpu_and_nvcc(monkeypatch):
     assert ext.cuda_usable() is (torch.version.cuda is not None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not ext.cuda_usable()
+
+
+def test_usable_device_falls_back_to_the_cpu_with_the_reason(monkeypatch):
+    """eval.py runs the CRF and the kNN table where usable_device says: a GPU
+    machine without nvcc gets both on the CPU, with one line saying why."""
+    cpu = torch.device("cpu")
+    assert ext.usable_device("cpu") == (cpu, None)
+    _fake_gpu(monkeypatch, (9, 0))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(_build, "nvcc_path", lambda: None)
+    device, note = ext.usable_device("cuda:0")
+    assert device == cpu and "\n" not in note
+    assert note == ("the CUDA kernels cannot be built here: nvcc was not found (install the CUDA "
+                    "toolkit or set CUDA_HOME)")
+    monkeypatch.setattr(_build, "nvcc_path", lambda: "/usr/local/cuda/bin/nvcc")
+    if torch.version.cuda is not None:
+        assert ext.usable_device(torch.device("cuda", 0)) == (torch.device("cuda", 0), None)
+        _fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        device, note = ext.usable_device("cuda")
+        assert device == cpu and "Tesla T4" in note and "TORCH_CUDA_ARCH_LIST" in note
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ext.usable_device("cuda") == (cpu, "the CUDA kernels cannot be built here: no CUDA "
+                                              "GPU is visible")
+
+
+def _fake_toolkit(root: Path, runtime: str, lib: str = "lib") -> Path:
+    """A CUDA toolkit folder: bin/nvcc (reporting its TOP as nvcc --dryrun
+    does) and lib/<runtime>."""
+    (root / "bin").mkdir(parents=True)
+    (root / lib).mkdir()
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho '#$ TOP={root}/bin/..'\n")
+    nvcc.chmod(0o755)
+    (root / lib / runtime).write_bytes(b"")
+    return root
+
+
+def test_cuda_link_flags_name_the_runtime_of_a_pypi_toolkit(tmp_path, monkeypatch):
+    """NVIDIA's toolkit from PyPI (nvidia/cu13) ships only libcudart.so.13:
+    -lcudart failed, or silently linked /usr/local/cuda's runtime where that
+    exists too.  The flags must point at this toolkit's runtime only."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    toolkit = _fake_toolkit(tmp_path / "site-packages" / "nvidia" / "cu13", "libcudart.so.13")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    build = tmp_path / "build"
+    flags = _build._cuda_link_flags(build)
+    dirs = [Path(f[2:]) for f in flags if f.startswith("-L")]
+    assert dirs and all(d.is_relative_to(toolkit) or d.is_relative_to(build) for d in dirs), flags
+    runtimes = [(d / "libcudart.so").resolve() for d in dirs if (d / "libcudart.so").exists()]
+    assert runtimes == [(toolkit / "lib" / "libcudart.so.13").resolve()], flags
+    assert not any("/usr/local/cuda" in f for f in flags)
+    assert _build._cuda_link_flags(build) == flags  # a second build reuses the link
+
+    # A toolkit with the development link is linked where it is.
+    other = _fake_toolkit(tmp_path / "cuda-13.0", "libcudart.so", lib="lib64")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(other))
+    assert _build._cuda_link_flags(build) == [f"-L{other / 'lib64'}"]
 
 
 def test_load_cpu_needs_no_nvcc(tmp_path):

@@ -522,6 +522,7 @@ at::Tensor dense_crf_cpu(const at::Tensor& image, const at::Tensor& probs, int64
                          double pos_xy, double pos_w, double bi_xy, double bi_rgb, double bi_w) {
   check_crf_args(image, probs, iters);
   check_crf_params(probs, pos_xy, pos_w, bi_xy, bi_rgb, bi_w);
+  const Float32Math float32_math;
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
   const int channels = static_cast<int>(image.size(3));
   const at::Tensor img = image.contiguous();

@@ -2,7 +2,7 @@
 // and applied on the GPU.  Geometry comes from the shared lattice_geometry.h,
 // so both paths put every pixel in the same simplex with the same weights.
 //
-// Per image and kernel:
+// Per kernel (the position kernel once per batch, the bilateral one per image):
 //   1. simplex_kernel   - the d+1 vertex keys and barycentric weights per pixel;
 //   2. insert_kernel    - lock-free open-addressing hash table: each slot is
 //                         claimed with atomicCAS by the first vertex carrying
@@ -14,10 +14,12 @@
 // mean-field arithmetic between filterings uses ATen ops on the GPU.  Splat
 // atomics make the summation order (hence the last bits) nondeterministic.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "cuda_api.h"
 #include "lattice_geometry.h"
 #include "ops.h"
 
@@ -30,16 +32,39 @@ struct LatticeScales {
   float s[kMaxDim];
 };
 
-unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
+// Calls f(std::integral_constant<int, d>()) for a lattice dimension d in
+// 2..kMaxDim.  The kernels with per-thread arrays are instantiated per
+// dimension: arrays of constant size, indexed in unrolled loops, stay in
+// registers instead of a stack frame.
+template <class F>
+void with_dimension(int d, const F& f) {
+  static_assert(kMaxDim == 10, "with_dimension lists the dimensions 2..kMaxDim");
+  switch (d) {
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    case 8: return f(std::integral_constant<int, 8>());
+    case 9: return f(std::integral_constant<int, 9>());
+    case 10: return f(std::integral_constant<int, 10>());
+  }
+  TORCH_CHECK(false, "ppap_ext::dense_crf: lattice dimension ", d, " outside 2..", kMaxDim);
+}
+
+template <int D>
 __global__ void simplex_kernel(int n_pixels, int width, const uint8_t* __restrict__ image,
-                               int channels, float sxy, float srgb, int d, LatticeScales scale,
+                               int channels, float sxy, float srgb, LatticeScales scale,
                                int* __restrict__ keys, float* __restrict__ bary) {
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= n_pixels) return;
-  float f[kMaxDim];
+  float f[D];
   pixel_feature(p, width, image, channels, sxy, srgb, f);
-  enclosing_simplex(f, scale.s, d, keys + int64_t(p) * (d + 1) * d, bary + int64_t(p) * (d + 1));
+  enclosing_simplex<D>(f, scale.s, D, keys + int64_t(p) * (D + 1) * D,
+                       bary + int64_t(p) * (D + 1));
 }
 
 __global__ void insert_kernel(int64_t n_vertices, int d, const int* __restrict__ keys,
@@ -63,7 +88,7 @@ __global__ void insert_kernel(int64_t n_vertices, int d, const int* __restrict__
 }
 
 // Lattice point of `key`, or -1.  point_of[v] is valid for claiming vertices.
-__device__ int find_point(const int* key, int d, const int* __restrict__ keys,
+__device__ __forceinline__ int find_point(const int* key, int d, const int* __restrict__ keys,
                           const int* __restrict__ table, uint32_t mask,
                           const int* __restrict__ point_of) {
   uint32_t h = hash_key(key, d) & mask;
@@ -75,19 +100,20 @@ __device__ int find_point(const int* key, int d, const int* __restrict__ keys,
   }
 }
 
-__global__ void neighbor_kernel(int n_points, int d, const int64_t* __restrict__ representative,
+template <int D>
+__global__ void neighbor_kernel(int n_points, const int64_t* __restrict__ representative,
                                 const int* __restrict__ keys, const int* __restrict__ table,
                                 uint32_t mask, const int* __restrict__ point_of,
                                 int* __restrict__ neighbors) {
   const int m = blockIdx.x * blockDim.x + threadIdx.x;
   if (m >= n_points) return;
-  const int* key = keys + representative[m] * d;
-  int n1[kMaxDim], n2[kMaxDim];
-  for (int j = 0; j <= d; ++j) {
-    axis_neighbors(key, d, j, n1, n2);
+  const int* key = keys + representative[m] * D;
+  int n1[D], n2[D];
+  for (int j = 0; j <= D; ++j) {
+    axis_neighbors(key, D, j, n1, n2);
     int* out = neighbors + (int64_t(j) * n_points + m) * 2;
-    out[0] = find_point(n1, d, keys, table, mask, point_of) + 1;
-    out[1] = find_point(n2, d, keys, table, mask, point_of) + 1;
+    out[0] = find_point(n1, D, keys, table, mask, point_of) + 1;
+    out[1] = find_point(n2, D, keys, table, mask, point_of) + 1;
   }
 }
 
@@ -164,19 +190,18 @@ GpuLattice build_lattice(int n_pixels, int width, const uint8_t* image, int chan
   for (int i = 0; i < d; ++i) scale.s[i] = lattice_scale(i, d);
   at::Tensor keys = at::empty({n_vertices * d}, int_opts);
   L.bary = at::empty({n_vertices}, device_opts.dtype(at::kFloat));
-  simplex_kernel<<<blocks_for(n_pixels), kThreads, 0, stream>>>(
-      n_pixels, width, image, channels, sxy, srgb, d, scale, keys.data_ptr<int>(),
-      L.bary.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  with_dimension(d, [&](auto dim) {
+    launch(simplex_kernel<decltype(dim)::value>, blocks_for(n_pixels), kThreads, stream, n_pixels, width, image,
+           channels, sxy, srgb, scale, keys.data_ptr<int>(), L.bary.data_ptr<float>());
+  });
 
   const int64_t table_size = next_pow2(2 * n_vertices + 1);
   TORCH_CHECK(table_size <= (int64_t(1) << 32), "ppap_ext::dense_crf: lattice hash table too large");
   const uint32_t mask = static_cast<uint32_t>(table_size - 1);  // the hash is 32 bits
   at::Tensor table = at::full({table_size}, -1, int_opts);
   at::Tensor owner = at::empty({n_vertices}, int_opts);
-  insert_kernel<<<blocks_for(n_vertices), kThreads, 0, stream>>>(
-      n_vertices, d, keys.data_ptr<int>(), table.data_ptr<int>(), mask, owner.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(insert_kernel, blocks_for(n_vertices), kThreads, stream, n_vertices, d,
+         keys.data_ptr<int>(), table.data_ptr<int>(), mask, owner.data_ptr<int>());
 
   // Lattice points = claiming vertices, numbered in vertex order.
   const at::Tensor is_owner = owner.eq(at::arange(n_vertices, int_opts));
@@ -186,13 +211,11 @@ GpuLattice build_lattice(int n_pixels, int width, const uint8_t* image, int chan
   L.offset = point_of.index_select(0, owner.to(at::kLong)).contiguous();
 
   L.neighbors = at::empty({int64_t(nv) * L.n_points * 2}, int_opts);
-  if (L.n_points > 0) {
-    neighbor_kernel<<<blocks_for(L.n_points), kThreads, 0, stream>>>(
-        L.n_points, d, representative.data_ptr<int64_t>(), keys.data_ptr<int>(),
-        table.data_ptr<int>(), mask, point_of.data_ptr<int>(),
-        L.neighbors.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  with_dimension(d, [&](auto dim) {
+    launch(neighbor_kernel<decltype(dim)::value>, blocks_for(L.n_points), kThreads, stream, L.n_points,
+           representative.data_ptr<int64_t>(), keys.data_ptr<int>(), table.data_ptr<int>(), mask,
+           point_of.data_ptr<int>(), L.neighbors.data_ptr<int>());
+  });
   return L;
 }
 
@@ -203,59 +226,50 @@ at::Tensor lattice_filter(const GpuLattice& L, const at::Tensor& in, cudaStream_
   const int64_t n_vertices = int64_t(L.n_pixels) * nv;
   at::Tensor cur = at::zeros({int64_t(L.n_points) + 1, C}, in.options());
   at::Tensor nxt = at::zeros_like(cur);  // row 0 must stay zero in both buffers
-  splat_kernel<<<blocks_for(n_vertices * C), kThreads, 0, stream>>>(
-      n_vertices, nv, C, in.data_ptr<float>(), L.offset.data_ptr<int>(), L.bary.data_ptr<float>(),
-      cur.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(splat_kernel, blocks_for(n_vertices * C), kThreads, stream, n_vertices, nv, C,
+         in.data_ptr<float>(), L.offset.data_ptr<int>(), L.bary.data_ptr<float>(),
+         cur.data_ptr<float>());
   for (int j = 0; j <= L.d; ++j) {
-    blur_kernel<<<blocks_for(int64_t(L.n_points) * C), kThreads, 0, stream>>>(
-        L.n_points, C, L.neighbors.data_ptr<int>() + int64_t(j) * L.n_points * 2,
-        cur.data_ptr<float>(), nxt.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(blur_kernel, blocks_for(int64_t(L.n_points) * C), kThreads, stream, L.n_points, C,
+           L.neighbors.data_ptr<int>() + int64_t(j) * L.n_points * 2, cur.data_ptr<float>(),
+           nxt.data_ptr<float>());
     std::swap(cur, nxt);
   }
   at::Tensor out = at::empty_like(in);
-  slice_kernel<<<blocks_for(int64_t(L.n_pixels) * C), kThreads, 0, stream>>>(
-      L.n_pixels, nv, C, L.offset.data_ptr<int>(), L.bary.data_ptr<float>(),
-      cur.data_ptr<float>(), slice_alpha(L.d), out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(slice_kernel, blocks_for(int64_t(L.n_pixels) * C), kThreads, stream, L.n_pixels, nv, C,
+         L.offset.data_ptr<int>(), L.bary.data_ptr<float>(), cur.data_ptr<float>(),
+         slice_alpha(L.d), out.data_ptr<float>());
   return out;
 }
 
+// A pairwise kernel: its lattice, symmetric normaliser 1 / sqrt(K 1 + 1e-20)
+// ([P, 1]) and weight.
 struct GpuKernel {
   GpuLattice lattice;
-  at::Tensor norm;  // [P, 1]
+  at::Tensor norm;
   double weight;
 };
 
-// Mean field for one image: image [H, W, Ci] uint8, prob [P, C] float.
-at::Tensor crf_one_image(const at::Tensor& image, const at::Tensor& prob, int64_t iters,
-                         double pos_xy, double pos_w, double bi_xy, double bi_rgb, double bi_w,
-                         cudaStream_t stream) {
-  const int H = static_cast<int>(image.size(0)), W = static_cast<int>(image.size(1));
-  const int channels = static_cast<int>(image.size(2));
-  const int P = H * W;
-  std::vector<GpuKernel> kernels;
-  if (pos_w != 0) {
-    kernels.push_back({build_lattice(P, W, nullptr, 0, static_cast<float>(pos_xy), 1.f,
-                                     prob.options(), stream), {}, pos_w});
-  }
-  if (bi_w != 0) {
-    kernels.push_back({build_lattice(P, W, image.data_ptr<uint8_t>(), channels,
-                                     static_cast<float>(bi_xy), static_cast<float>(bi_rgb),
-                                     prob.options(), stream), {}, bi_w});
-  }
-  const at::Tensor ones = at::ones({P, 1}, prob.options());
-  for (GpuKernel& k : kernels) k.norm = lattice_filter(k.lattice, ones, stream).add_(1e-20).rsqrt_();
+GpuKernel make_kernel(GpuLattice lattice, double weight, const at::TensorOptions& opts,
+                      cudaStream_t stream) {
+  GpuKernel k{std::move(lattice), {}, weight};
+  const at::Tensor ones = at::ones({k.lattice.n_pixels, 1}, opts);
+  k.norm = lattice_filter(k.lattice, ones, stream).add_(1e-20).rsqrt_();
+  return k;
+}
 
+// Mean field for one image: prob [P, C] float, kernels in the order their
+// messages are added (position, then bilateral, as on the CPU).
+at::Tensor mean_field(const at::Tensor& prob, int64_t iters,
+                      const std::vector<const GpuKernel*>& kernels, cudaStream_t stream) {
   const at::Tensor neg_unary = prob.clamp(1e-5, 1.0).log_();
   at::Tensor q = at::_softmax(neg_unary, 1, false);
   for (int64_t it = 0; it < iters; ++it) {
     at::Tensor logits = neg_unary.clone();
-    for (const GpuKernel& k : kernels) {
+    for (const GpuKernel* k : kernels) {
       // n * K(n * Q); Potts: agreeing neighbours raise the logit.
-      const at::Tensor message = lattice_filter(k.lattice, (q * k.norm).contiguous(), stream);
-      logits.add_(message.mul_(k.norm), k.weight);
+      const at::Tensor message = lattice_filter(k->lattice, (q * k->norm).contiguous(), stream);
+      logits.add_(message.mul_(k->norm), k->weight);
     }
     q = at::_softmax(logits, 1, false);
   }
@@ -268,15 +282,37 @@ at::Tensor dense_crf_cuda(const at::Tensor& image, const at::Tensor& probs, int6
                           double pos_xy, double pos_w, double bi_xy, double bi_rgb, double bi_w) {
   check_crf_args(image, probs, iters);
   check_crf_params(probs, pos_xy, pos_w, bi_xy, bi_rgb, bi_w);
-  const c10::cuda::CUDAGuard guard(probs.device());
+  const DeviceGuard guard(probs.device());
+  const Float32Math float32_math;
   const int64_t B = probs.size(0), C = probs.size(1), H = probs.size(2), W = probs.size(3);
+  const int P = static_cast<int>(H * W), width = static_cast<int>(W);
+  const int channels = static_cast<int>(image.size(3));
   const at::Tensor img = image.contiguous();
   const at::Tensor prob_pc = probs.permute({0, 2, 3, 1}).contiguous().view({B, H * W, C});
   at::Tensor q_pc = at::empty_like(prob_pc);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
+  const auto opts = prob_pc.options();
+  // The position kernel depends only on the image size: one lattice for the
+  // batch (each build waits once for the GPU, to size the lattice by its
+  // number of points).
+  std::optional<GpuKernel> position;
+  if (pos_w != 0) {
+    position = make_kernel(build_lattice(P, width, nullptr, 0, static_cast<float>(pos_xy), 1.f,
+                                         opts, stream),
+                           pos_w, opts, stream);
+  }
   for (int64_t b = 0; b < B; ++b) {
-    q_pc[b].copy_(crf_one_image(img[b], prob_pc[b], iters, pos_xy, pos_w, bi_xy, bi_rgb, bi_w,
-                                stream));
+    std::vector<const GpuKernel*> kernels;
+    if (position) kernels.push_back(&*position);
+    std::optional<GpuKernel> bilateral;
+    if (bi_w != 0) {
+      bilateral = make_kernel(build_lattice(P, width, img[b].data_ptr<uint8_t>(), channels,
+                                            static_cast<float>(bi_xy), static_cast<float>(bi_rgb),
+                                            opts, stream),
+                              bi_w, opts, stream);
+      kernels.push_back(&*bilateral);
+    }
+    q_pc[b].copy_(mean_field(prob_pc[b], iters, kernels, stream));
   }
   return q_pc.view({B, H, W, C}).permute({0, 3, 1, 2}).contiguous();
 }

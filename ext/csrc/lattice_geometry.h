@@ -63,13 +63,17 @@ PPAP_HD void pixel_feature(int p, int width, const uint8_t* image, int channels,
 // Finds the simplex of the permutohedral lattice that encloses feature f
 // (d values) and writes, for each remainder r = 0..d, the d-coordinate key of
 // that vertex (keys[r * d + i]) and its barycentric weight (bary[r]).
-// scale[i] = lattice_scale(i, d).
+// scale[i] = lattice_scale(i, d).  MaxD (>= d) sizes the scratch: the CUDA
+// kernel instantiates it with d itself, so that the loops have constant
+// bounds and the scratch stays in registers (with kMaxDim it took a 224-byte
+// stack frame per thread).
+template <int MaxD = kMaxDim>
 PPAP_HD void enclosing_simplex(const float* f, const float* scale, int d, int* keys,
                                float* bary) {
-  float elevated[kMaxDim + 1];
-  int rem0[kMaxDim + 1];
-  int rank[kMaxDim + 1];
-  float b[kMaxDim + 2];
+  float elevated[MaxD + 1];
+  int rem0[MaxD + 1];
+  int rank[MaxD + 1];
+  float b[MaxD + 2];
 
   // Elevate onto the hyperplane sum(x) = 0 in d + 1 dimensions (Adams et al.
   // 2010, E matrix applied without forming it).

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <tuple>
@@ -10,6 +12,34 @@
 #include "lattice_geometry.h"
 
 namespace ppap {
+
+// The op schemas (registered by ops_cpu.cpp; the CUDA emulation of the tests
+// registers the same ones under its own namespace, shim/ops_shim.cpp).
+constexpr const char* kTopkSchema =
+    "topk_neighbors(Tensor q, Tensor keys, int k, int key_tile, int query_block) -> (Tensor, Tensor)";
+constexpr const char* kCrfSchema =
+    "dense_crf(Tensor image, Tensor probs, int iters, float pos_xy, float pos_w, float bi_xy, "
+    "float bi_rgb, float bi_w) -> Tensor";
+
+// Held by every op implementation: the ops compute what their documentation
+// says whatever the caller's precision settings.
+//  * Autocast: the ops register no autocast kernel, so the dispatcher passes
+//    them through and their own ATen calls (the top-k GEMM) would be autocast
+//    to fp16 / bf16.  Excluding the autocast keys keeps them in the input
+//    dtype.
+//  * TF32: with torch.backends.cuda.matmul.allow_tf32 (or
+//    torch.set_float32_matmul_precision("high")) cuBLAS would multiply float32
+//    in TF32, ~1e-3 relative.  at::NoTF32Guard turns that off for this thread
+//    only, for the cuBLAS handles PyTorch hands out in its scope.
+struct Float32Math {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+  at::NoTF32Guard no_tf32;
+};
+
+// Keys per similarity tile of top-k: at least k, so that the first tile alone
+// supplies k candidates (the CUDA selection needs it).  The CPU tiles the
+// same way, so both multiply the same blocks and round alike.
+inline int64_t topk_tile(int64_t key_tile, int64_t k) { return std::max(key_tile, k); }
 
 // q [B, M, D], keys [B, K, D] (same dtype), 1 <= k <= K.  Raw dot products
 // (the Python front normalises for cosine similarity).  Returns values

@@ -30,9 +30,8 @@ int64_t parallel_threads(int64_t n) {
 }  // namespace ppap
 
 TORCH_LIBRARY(ppap_ext, m) {
-  m.def("topk_neighbors(Tensor q, Tensor keys, int k, int key_tile, int query_block) -> (Tensor, Tensor)");
-  m.def("dense_crf(Tensor image, Tensor probs, int iters, float pos_xy, float pos_w, float bi_xy, "
-        "float bi_rgb, float bi_w) -> Tensor");
+  m.def(ppap::kTopkSchema);
+  m.def(ppap::kCrfSchema);
   m.def("parallel_threads(int n) -> int", &ppap::parallel_threads);
 }
 

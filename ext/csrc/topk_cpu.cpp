@@ -106,13 +106,32 @@ struct HeapView {
   }
 };
 
+// The similarities of one tile, float32.  oneDNN follows PyTorch's float32
+// matmul precision as well ("medium" computes in bf16 on AVX-512 CPUs, "high"
+// in TF32 on CPUs with AMX-FP16) and offers no thread-local switch like
+// at::NoTF32Guard, so under those settings float32 products are formed in
+// float64 instead (rounded once to float32: never less precise than IEEE
+// float32, the CUDA kernel's arithmetic).
+at::Tensor tile_similarities(const at::Tensor& q, const at::Tensor& keys) {
+  const auto precision =
+      at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  const bool lowered =
+      precision == at::Float32Precision::BF16 || precision == at::Float32Precision::TF32;
+  if (q.scalar_type() == at::kFloat && lowered) {
+    return at::mm(q.to(at::kDouble), keys.t().to(at::kDouble)).to(at::kFloat);
+  }
+  return at::mm(q, keys.t()).to(at::kFloat).contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_neighbors_cpu(const at::Tensor& q, const at::Tensor& keys,
                                                       int64_t k, int64_t key_tile,
                                                       int64_t query_block) {
   check_topk_args(q, keys, k, key_tile, query_block);
+  const Float32Math float32_math;
   const int64_t B = q.size(0), M = q.size(1), K = keys.size(1);
+  const int64_t tile = topk_tile(key_tile, k);
   at::Tensor values = at::empty({B, M, k}, q.options().dtype(at::kFloat));
   at::Tensor indices = at::empty({B, M, k}, q.options().dtype(at::kLong));
 
@@ -126,11 +145,10 @@ std::tuple<at::Tensor, at::Tensor> topk_neighbors_cpu(const at::Tensor& q, const
       std::vector<int64_t> heap_idx(rows * k);
       std::vector<int64_t> heap_size(rows, 0);
 
-      for (int64_t t0 = 0; t0 < K; t0 += key_tile) {
-        const int64_t cols = std::min(key_tile, K - t0);
+      for (int64_t t0 = 0; t0 < K; t0 += tile) {
+        const int64_t cols = std::min(tile, K - t0);
         // GEMM outside the parallel region so BLAS can use all threads.
-        const at::Tensor sims =
-            at::mm(qb, kb_all.narrow(0, t0, cols).t()).to(at::kFloat).contiguous();
+        const at::Tensor sims = tile_similarities(qb, kb_all.narrow(0, t0, cols));
         const float* s = sims.data_ptr<float>();
         at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {

@@ -15,13 +15,11 @@
 // is deterministic and equal to the CPU kernel's up to GEMM rounding.
 // Memory: O(query_block * key_tile + M * k).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda_api.h"
 #include "ops.h"
 
 namespace ppap {
@@ -172,19 +170,19 @@ std::tuple<at::Tensor, at::Tensor> topk_neighbors_cuda(const at::Tensor& q, cons
                                                        int64_t k, int64_t key_tile,
                                                        int64_t query_block) {
   check_topk_args(q, keys, k, key_tile, query_block);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const DeviceGuard guard(q.device());
+  const Float32Math float32_math;
   const int64_t B = q.size(0), M = q.size(1), K = keys.size(1);
   // Key indices travel as 32 bits through the tie selection and the sort key;
   // rows of the select grid are blocks (at most 2^31 - 1).
   TORCH_CHECK(K <= int64_t(UINT32_MAX), "ppap_ext::topk_neighbors: CUDA supports at most 2^32 - 1 keys, got ", K);
   TORCH_CHECK(k <= INT32_MAX, "ppap_ext::topk_neighbors: k too large for CUDA: ", k);
-  // The first tile alone must supply k candidates.
-  const int64_t tile = std::max(key_tile, k);
+  const int64_t tile = topk_tile(key_tile, k);
   const auto float_opts = q.options().dtype(at::kFloat);
   const auto index_opts = q.options().dtype(at::kLong);
   at::Tensor values = at::empty({B, M, k}, float_opts);
   at::Tensor indices = at::empty({B, M, k}, index_opts);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
 
   for (int64_t b = 0; b < B; ++b) {
     const at::Tensor qb_all = q[b];
@@ -197,22 +195,19 @@ std::tuple<at::Tensor, at::Tensor> topk_neighbors_cuda(const at::Tensor& q, cons
       int n_prev = 0;
       for (int64_t t0 = 0; t0 < K; t0 += tile) {
         const int64_t cols = std::min(tile, K - t0);
-        at::Tensor sims = at::mm(qb, kb_all.narrow(0, t0, cols).t());
+        at::Tensor sims = device_mm(qb, kb_all.narrow(0, t0, cols).t());
         sims = sims.to(at::kFloat).contiguous();
-        select_topk_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream>>>(
-            sims.data_ptr<float>(), cols, t0, cur_v.data_ptr<float>(), cur_i.data_ptr<int64_t>(),
-            n_prev, nxt_v.data_ptr<float>(), nxt_i.data_ptr<int64_t>(), static_cast<int>(k));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(select_topk_kernel, rows, kSelectThreads, stream, sims.data_ptr<float>(), cols, t0,
+               cur_v.data_ptr<float>(), cur_i.data_ptr<int64_t>(), n_prev,
+               nxt_v.data_ptr<float>(), nxt_i.data_ptr<int64_t>(), static_cast<int>(k));
         std::swap(cur_v, nxt_v);
         std::swap(cur_i, nxt_i);
         n_prev = static_cast<int>(k);
       }
       // Sort by (value descending, index ascending): one int64 key per entry.
       at::Tensor sort_key = at::empty({rows, k}, index_opts);
-      sort_key_kernel<<<static_cast<unsigned>((rows * k + 255) / 256), 256, 0, stream>>>(
-          rows * k, cur_v.data_ptr<float>(), cur_i.data_ptr<int64_t>(),
-          sort_key.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(sort_key_kernel, (rows * k + 255) / 256, 256, stream, rows * k,
+             cur_v.data_ptr<float>(), cur_i.data_ptr<int64_t>(), sort_key.data_ptr<int64_t>());
       const at::Tensor order = std::get<1>(at::sort(sort_key, /*dim=*/1));
       values[b].narrow(0, m0, rows).copy_(cur_v.gather(1, order));
       indices[b].narrow(0, m0, rows).copy_(cur_i.gather(1, order));
