@@ -87,14 +87,18 @@ def crf_device(requested: str, device: torch.device) -> torch.device:
     """--crf-device: cpu, cuda, or auto = the evaluation's device when it is a GPU the CUDA kernels can be
     built for, else the CPU (a GPU machine without nvcc still gets the CRF, on the CPU, and is told so)."""
     if requested != "auto":
-        return ppap.pick_device(requested)
-    if device.type == "cuda":
-        import ext
-        if ext.cuda_usable():
-            return device
-        print("note: the CUDA CRF kernels cannot be built here (no nvcc or an unsupported GPU): the CRF runs "
-              "on the CPU", file=sys.stderr)
-    return torch.device("cpu")
+        return ppap.pick_device(requested, flag="--crf-device")
+    return kernels_on(device, "the CRF")
+
+
+def kernels_on(device: torch.device, what: str) -> torch.device:
+    """Where ext's kernels run work that lives on `device`: there, or on the CPU where the CUDA kernels cannot
+    be built (a GPU machine without nvcc), which is said in one line."""
+    import ext
+    run_on, note = ext.usable_device(device)
+    if note:
+        print(f"note: {note}: {what} runs on the CPU", file=sys.stderr)
+    return run_on
 
 
 def _crf_argmax(dense_crf, img_u8, logits):
@@ -781,6 +785,7 @@ def knn_table(cfg, split: str = "train", k: int = 7, device=None) -> str:
             crit = vit.features(img)[1]                  # the final patch features [B,D,h,w]
             feats.append(F.normalize(crit.permute(0, 2, 3, 1).flatten(1, 2).float().mean(1), dim=1))
     feats = torch.cat(feats)
+    feats = feats.to(kernels_on(feats.device, "the kNN search"))
     values, indices = topk_neighbors(feats, feats, min(k + 1, len(feats)))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ppap.atomic_write(path, lambda p: torch.save({"indices": indices.cpu(), "values": values.cpu()}, p))

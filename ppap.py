@@ -2381,21 +2381,21 @@ def load_run(path: str, device="cpu"):
 # each process's confusion matrices (evaluate). Rank 0 alone prints, logs and writes checkpoints. Every
 # helper here is the identity (or a no-op) in one process, so the method above reads as one process.
 
-def pick_device(name: str) -> torch.device:
-    """--device -> torch.device: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N."""
+def pick_device(name: str, flag: str = "--device") -> torch.device:
+    """--device (or another device flag) -> torch.device: auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise PPAPError(f"unknown --device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise PPAPError(f"unknown {flag} {name!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
-        raise PPAPError(f"--device {name}: this code runs on the CPU and on CUDA GPUs; use cpu or cuda")
+        raise PPAPError(f"{flag} {name}: this code runs on the CPU and on CUDA GPUs; use cpu or cuda")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise PPAPError(f"--device {name} asked for, but torch sees no CUDA GPU; use --device cpu")
+            raise PPAPError(f"{flag} {name} asked for, but torch sees no CUDA GPU; use {flag} cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise PPAPError(f"--device {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s) "
+            raise PPAPError(f"{flag} {name} asked for, but torch sees {torch.cuda.device_count()} GPU(s) "
                             f"(indices 0 to {torch.cuda.device_count() - 1})")
     return dev
 

@@ -721,13 +721,27 @@ def test_the_demo_classes_are_drawn_in_their_own_colours():
 
 def test_crf_device_auto_falls_back_to_the_cpu_where_cuda_kernels_cannot_build(monkeypatch, capsys):
     import ext
-    monkeypatch.setattr(ext, "cuda_usable", lambda: False)
+    monkeypatch.setattr(ext, "cuda_unusable_reason", lambda: "nvcc was not found")
     assert ev.crf_device("auto", torch.device("cuda")) == torch.device("cpu")
-    assert "runs on the CPU" in capsys.readouterr().err
-    monkeypatch.setattr(ext, "cuda_usable", lambda: True)
+    assert "nvcc was not found: the CRF runs on the CPU" in capsys.readouterr().err
+    monkeypatch.setattr(ext, "cuda_unusable_reason", lambda: None)
     assert ev.crf_device("auto", torch.device("cuda", 0)) == torch.device("cuda", 0)
     assert ev.crf_device("auto", torch.device("cpu")) == torch.device("cpu")
     assert ev.crf_device("cpu", torch.device("cpu")) == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ppap.PPAPError):
-            ev.crf_device("cuda", torch.device("cpu"))              # no GPU here: one line, not a crash
+        with pytest.raises(ppap.PPAPError, match="^--crf-device cuda asked for"):
+            ev.crf_device("cuda", torch.device("cpu"))              # no GPU here: one line naming the flag
+
+
+def test_knn_table_falls_back_to_the_cpu_where_cuda_kernels_cannot_build(monkeypatch, capsys, tmp_path):
+    """A GPU machine without nvcc: the kNN search runs on the CPU and says so, as the CRF does."""
+    import ext
+    monkeypatch.setattr(ext, "cuda_unusable_reason", lambda: "nvcc was not found")
+    assert ev.kernels_on(torch.device("cuda"), "the kNN search") == torch.device("cpu")
+    assert "nvcc was not found: the kNN search runs on the CPU" in capsys.readouterr().err
+    asked, real = [], ev.kernels_on
+    monkeypatch.setattr(ev, "kernels_on", lambda device, what: asked.append(what) or real(device, what))
+    cfg = ppap.make_config({"data": "synthetic", "data_dir": str(tmp_path), "device": "cpu", "num_workers": 0,
+                            "progress": False, "val_size": 32})
+    ev.knn_table(cfg, "val", k=2)
+    assert asked == ["the kNN search"]
