@@ -24,18 +24,7 @@ IMAGENET_S_BASE="${PPAP_IMAGENET_S_BASE:-https://github.com/LUSSeg/ImageNet-S/re
 DRIVE_BASE="${PPAP_DRIVE_BASE:-https://drive.google.com/uc}"
 DRIVE_CONFIRM_BASE="${PPAP_DRIVE_CONFIRM_BASE:-https://drive.usercontent.google.com/download}"
 CITYSCAPES_SITE="https://www.cityscapes-dataset.com"
-DINO_FILES=(
-  dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth
-  dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth
-  dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth
-  dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth
-)
-DINOV2_FILES=(
-  dinov2_vits14/dinov2_vits14_pretrain.pth
-  dinov2_vitb14/dinov2_vitb14_pretrain.pth
-  dinov2_vits14/dinov2_vits14_reg4_pretrain.pth
-  dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth
-)
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"   # ppap.py's folder: the backbone weights are its BACKBONES'
 # ImageNet-S annotation archives (masks only; the images come from ImageNet-1k).  The hex part
 # of each name is the archive's MD5 as published by the ImageNet-S authors (checked, warn only).
 declare -A IMAGENET_S_ZIP=(
@@ -608,8 +597,22 @@ case "${WEIGHTS:-all}" in
   dino|dinov2|all) ;;
   *) [ "$DATASET" != weights ] || die "WEIGHTS must be dino, dinov2 or all, not '${WEIGHTS}'" ;;
 esac
-case "${WEIGHTS:-all}" in dino|all) for f in "${DINO_FILES[@]}"; do WEIGHT_URLS+=("$DINO_BASE/$f"); done ;; esac
-case "${WEIGHTS:-all}" in dinov2|all) for f in "${DINOV2_FILES[@]}"; do WEIGHT_URLS+=("$DINOV2_BASE/$f"); done ;; esac
+# The released backbone files are those of ppap.py's BACKBONES registry (one list for both); listing them
+# imports ppap, so it takes the project's python (torch installed), asked only when weights are wanted.
+if [ "$DATASET" = weights ] || [ "$DATASET" = all ]; then
+  list_weights() { (cd "$HERE" && "$1" -c 'import ppap; print("\n".join(ppap.released_weights()))' 2>/dev/null); }
+  released=$(list_weights "${PY:-python3}") || { [ -z "${PYTHON:-}" ] && released=$(list_weights "$HERE/.venv/bin/python"); } \
+    || die "download.sh lists the backbone weights from ppap.py's BACKBONES, which needs the project's python: run it as PYTHON=.venv/bin/python bash download.sh $DATASET (after pip install -r requirements.txt)"
+  while read -r url; do
+    case "$url" in
+      https://dl.fbaipublicfiles.com/dinov2/*)
+        case "${WEIGHTS:-all}" in dinov2|all) WEIGHT_URLS+=("$DINOV2_BASE/${url#https://dl.fbaipublicfiles.com/dinov2/}") ;; esac ;;
+      https://dl.fbaipublicfiles.com/dino/*)
+        case "${WEIGHTS:-all}" in dino|all) WEIGHT_URLS+=("$DINO_BASE/${url#https://dl.fbaipublicfiles.com/dino/}") ;; esac ;;
+      ?*) WEIGHT_URLS+=("$url") ;;
+    esac
+  done <<< "$released"
+fi
 
 case "${IMAGENET_S:-50}" in
   50|300|919) IMAGENET_S_VARIANTS="${IMAGENET_S:-50}" ;;

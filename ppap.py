@@ -1429,6 +1429,11 @@ BACKBONES = {
 }
 
 
+def released_weights() -> list[str]:
+    """The URL of every released backbone file in BACKBONES (`bash download.sh weights` fetches these)."""
+    return [url for spec in BACKBONES.values() for url in spec.weights.values()]
+
+
 def new_backbone(arch: str, patch: int) -> nn.Module:
     """BACKBONES[arch] at `patch`, randomly initialised."""
     if arch not in BACKBONES:

@@ -838,3 +838,21 @@ def test_imagenet_s_relinks_after_imagenet_moved(tmp_path):
     img = os.path.join(root, "ImageNetS50", "validation", "n01443537", "x_validation.JPEG")
     assert os.readlink(img) == str(tmp_path / "moved" / "val" / "x_validation.JPEG")
     assert open(img, "rb").read() == b"v"
+
+
+def test_names_come_from_ppap_registries(tmp_path):
+    """The weights download.sh fetches are ppap.py's BACKBONES files, and its dataset targets are the download
+    targets of ppap.py's DATASETS: adding a backbone or a dataset is one registry entry."""
+    import re
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import ppap
+    p = sh("weights", "--dry-run", DOWNLOADER="curl", TORCH_HOME=str(tmp_path / "th"))
+    urls = [re.search(r"https://\S+\.pth", ln).group(0) for ln in p.stdout.splitlines() if ln.startswith("+ curl ")]
+    assert urls == ppap.released_weights() and len(urls) == 8
+    usage = next(ln for ln in sh("--help").stdout.splitlines() if ln.startswith("usage: bash download.sh <"))
+    targets = set(usage.split("<")[1].split(">")[0].split("|")) - {"weights", "checkpoints", "all"}
+    assert targets == {spec.download for spec in ppap.DATASETS.values() if spec.download}
+    # without the project's python the list cannot be read: one line that says what to run
+    p = sh("weights", "--dry-run", DOWNLOADER="curl", TORCH_HOME=str(tmp_path / "th"), PYTHON="false")
+    assert p.returncode != 0 and "PYTHON=.venv/bin/python bash download.sh weights" in p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1
