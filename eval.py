@@ -23,13 +23,17 @@ effects (ppap.py's metrics are re-exported: `from eval import scores` works).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import math
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ppap
-from ppap import PPAPError, confusion_update, scores  # noqa: F401  (`from eval import scores` works)
+from ppap import PPAPError, confusion_update, fcntl, scores  # noqa: F401  (`from eval import scores` works)
 
 
 # Dense-CRF hyper-parameters of the authors (utils/seg_utils.py).
@@ -94,7 +98,12 @@ def crf_device(requested: str, device: torch.device) -> torch.device:
 def kernels_on(device: torch.device, what: str) -> torch.device:
     """Where ext's kernels run work that lives on `device`: there, or on the CPU where the CUDA kernels cannot
     be built (a GPU machine without nvcc), which is said in one line."""
-    import ext
+    if device.type == "cpu":
+        return device
+    try:
+        import ext
+    except ImportError:                           # load_crf / topk_neighbors report it, as one line
+        return torch.device("cpu")
     run_on, note = ext.usable_device(device)
     if note:
         print(f"note: {note}: {what} runs on the CPU", file=sys.stderr)
@@ -389,6 +398,7 @@ def load_official(path: str, arch: str = "vit_small", patch: int = 8, n_classes:
         bad = [f"{_to_official_name(k)} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]
         raise PPAPError(f"{path} does not match {arch}/{patch}: shape mismatch: " + ", ".join(bad[:4])
                         + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "") + " (check --arch/--patch)")
+    ppap.check_finite(sd, path)
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
@@ -661,70 +671,97 @@ def _flatten(d, prefix="", out=None):
     return out
 
 
-def _run_metrics(run: str) -> tuple:
-    """(source path, flat {metric: value}) for one run dir (metrics.json, else last log.jsonl entry)."""
-    cands = [run] if run.endswith(".json") else [os.path.join(run, "metrics.json"),
-                                                 os.path.join(run, "eval", "metrics.json")]
-    for p in cands:
-        if os.path.isfile(p):
-            try:
-                with open(p) as f:
-                    doc = json.load(f)
-            except (OSError, ValueError) as e:
-                raise PPAPError(f"cannot read {p}: {e}") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("metrics"), dict):
-                raise PPAPError(f"{p} is not a metrics.json of eval.py (no 'metrics' object)")
-            ckpt = os.path.join(run, "last.pt")
-            if os.path.dirname(p) == os.path.join(run, "eval") and os.path.exists(ckpt) \
-                    and os.path.getmtime(ckpt) > os.path.getmtime(p):
-                print(f"warning: {p} is older than {ckpt}: it scores an earlier checkpoint; "
-                      f"refresh it with: python eval.py --run {shlex.quote(run)}", file=sys.stderr)
-            flat = {}
-            for probe, m in doc["metrics"].items():
-                if not isinstance(m, dict):
-                    continue
-                for key in ("mIoU", "Acc", "IoU_extra"):
-                    if key in m:
-                        flat[f"{probe}/{key}"] = float("nan") if m[key] is None else float(m[key])
-                for cname, v in (m.get("IoU") or {}).items():
-                    flat[f"{probe}/IoU/{cname}"] = float("nan") if v is None else float(v)
-            if not flat:
-                raise PPAPError(f"{p} holds no metrics")
-            return p, flat
+def _metrics_doc(p: str) -> dict:
+    try:
+        with open(p) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PPAPError(f"cannot read {p}: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("metrics"), dict):
+        raise PPAPError(f"{p} is not a metrics.json of eval.py (no 'metrics' object)")
+    return doc
+
+
+def _flat_metrics(doc: dict, p: str) -> dict:
+    flat = {}
+    for probe, m in doc["metrics"].items():
+        if not isinstance(m, dict):
+            continue
+        for key in ("mIoU", "Acc", "IoU_extra"):
+            if key in m:
+                flat[f"{probe}/{key}"] = float("nan") if m[key] is None else float(m[key])
+        for cname, v in (m.get("IoU") or {}).items():
+            flat[f"{probe}/IoU/{cname}"] = float("nan") if v is None else float(v)
+    if not flat:
+        raise PPAPError(f"{p} holds no metrics")
+    return flat
+
+
+def _run_metrics(run: str, skipped: list) -> tuple:
+    """(source path, flat {metric: value}) of one run: a metrics.json given itself; else the run's complete
+    evaluations of its last.pt on its own full val set (<run>/eval/*/metrics.json, the one with most probes,
+    then the newest); else the final full validation in log.jsonl. What it passes over is added to `skipped`
+    (one line each); (None, None) when nothing can stand for the run."""
+    if run.endswith(".json"):
+        return run, _flat_metrics(_metrics_doc(run), run)
+    if not os.path.exists(run):
+        raise PPAPError(f"run not found: {run}")
+    try:
+        ckpt = ppap.read_checkpoint(run)
+        step, data = ckpt.get("step"), ckpt["config"].get("data")
+    except PPAPError:
+        step = data = None
+    found, last = [], os.path.join(run, "last.pt")
+    for p in [os.path.join(run, "metrics.json"), os.path.join(run, "eval", "metrics.json"),
+              *sorted(glob.glob(os.path.join(run, "eval", "*", "metrics.json")))]:
+        if not os.path.isfile(p):
+            continue
+        doc, where = _metrics_doc(p), os.path.relpath(os.path.dirname(p), run)
+        if doc.get("limit"):
+            skipped.append(f"{run}: {where} scores the first {doc['limit']} val images only")
+        elif data is not None and doc.get("data", data) != data:
+            skipped.append(f"{run}: {where} scores {doc.get('data')}, not the run's {data}")
+        elif doc.get("selection", "last") != "last" or None not in (step, doc.get("step")) and doc["step"] != step:
+            skipped.append(f"{run}: {where} scores {doc.get('selection')} at step {doc.get('step')}, not last.pt "
+                           f"(step {step})")
+        elif "step" not in doc and os.path.exists(last) and os.path.getmtime(last) > os.path.getmtime(p):
+            skipped.append(f"{run}: {where} is older than last.pt: it scores an earlier checkpoint; refresh it "
+                           f"with: python eval.py --run {shlex.quote(run)}")
+        else:
+            found.append((len(doc["metrics"]), os.path.getmtime(p), p, doc))
+    if found:
+        _, _, p, doc = max(found, key=lambda f: f[:2])
+        return p, _flat_metrics(doc, p)
     log = os.path.join(run, "log.jsonl")
-    if not os.path.isfile(log):
-        if not os.path.exists(run):
-            raise PPAPError(f"run not found: {run}")
-        raise PPAPError(f"{run}: neither metrics.json nor log.jsonl found")
     entries = []
-    with open(log) as f:
-        for line in f:
-            line = line.strip()
-            if line:
+    if os.path.isfile(log):
+        with open(log) as f:
+            for line in f:
                 try:
                     entries.append(json.loads(line))
                 except ValueError:
                     continue  # a half-written last line
-    entries = [e for e in entries if isinstance(e, dict)]
-    if not entries:
-        raise PPAPError(f"{log} has no entries")
-    with_val = [e for e in entries if any("miou" in k.lower() for k in _flatten(e))]
-    last = (with_val or entries)[-1]
+    full = [e for e in entries if isinstance(e, dict) and e.get("full") and step in (None, e.get("step"))]
+    if not full:
+        skipped.append(f"{run}: no full evaluation of last.pt (the periodic validations score a subset); "
+                       f"evaluate it with: python eval.py --run {shlex.quote(run)}")
+        return None, None
     flat = {}
-    for k, v in _flatten(last).items():   # ppap.py logs 'cluster_mIoU'; metrics.json gives 'cluster/mIoU'
-        for p in sorted(PROBES, key=len, reverse=True):
-            if k.startswith(p + "_"):
-                k = p + "/" + k[len(p) + 1:]
-                break
-        flat[k] = v
-    if not flat:
-        raise PPAPError(f"{log}: last entry holds no numbers")
+    for k, v in _flatten(full[-1]).items():   # ppap.py logs 'cluster_mIoU'; metrics.json gives 'cluster/mIoU'
+        for probe in sorted(PROBES, key=len, reverse=True):
+            if k.startswith(probe + "_") and k[len(probe) + 1:] in ("mIoU", "Acc", "IoU_extra"):
+                flat[probe + "/" + k[len(probe) + 1:]] = v
     return log, flat
 
 
 def summarize(runs) -> dict:
-    """Mean and sample std (ddof=1; 0 for a single run) over runs of every metric."""
-    per_run = [(r, *_run_metrics(r)) for r in runs]
+    """Mean and sample std (ddof=1; 0 for a single run) over runs of every metric; 'skipped' says what was
+    passed over and why (runs without a full evaluation of their last checkpoint count in no metric)."""
+    skipped = []
+    per_run = [(r, *_run_metrics(r, skipped)) for r in runs]
+    per_run = [(r, src, flat) for r, src, flat in per_run if flat is not None]
+    if not per_run:
+        raise PPAPError("nothing to summarize: " + "; ".join(skipped))
     keys = []
     for _, _, flat in per_run:
         keys += [k for k in flat if k not in keys]
@@ -736,13 +773,15 @@ def summarize(runs) -> dict:
         out[k] = {"mean": float(vals.mean()) if n else float("nan"),
                   "std": float(vals.std(ddof=1)) if n > 1 else (0.0 if n == 1 else float("nan")),
                   "n": n}
-    return {"runs": [r for r, _, _ in per_run], "sources": [s for _, s, _ in per_run],
+    return {"runs": [r for r, _, _ in per_run], "sources": [s for _, s, _ in per_run], "skipped": skipped,
             "std": "sample standard deviation (ddof=1) over runs", "metrics": out}
 
 
 def format_summary(summary: dict) -> str:
     w = max([len(k) for k in summary["metrics"]] + [6]) + 2
-    lines = [f"{len(summary['runs'])} run(s): " + ", ".join(summary["runs"]),
+    lines = [f"skipped {line}" for line in summary.get("skipped", [])]
+    lines += [f"{len(summary['runs'])} run(s): " + ", ".join(f"{r} ({os.path.relpath(src, r) if not r.endswith('.json') else 'itself'})"
+                                                      for r, src in zip(summary["runs"], summary["sources"])),
              f"{'metric':<{w}}{'mean':>8}   {'std':>6}  n"]
     for k, v in summary["metrics"].items():
         lines.append(f"{k:<{w}}{_fmt(v['mean'], 8)} ± {_fmt(v['std'], 6)}  {v['n']}")
@@ -756,6 +795,8 @@ def _weights_tag(cfg) -> str:
     size and modification time (a retrained backbone under the same name gets a new table)."""
     if not cfg.weights:
         return "released" if ppap.BACKBONES[cfg.arch].weights else "random"
+    if not os.path.isfile(cfg.weights):
+        raise PPAPError(f"weights file not found: {cfg.weights}")
     st = os.stat(cfg.weights)
     key = f"{os.path.abspath(cfg.weights)}|{st.st_size}|{st.st_mtime_ns}"
     return "w" + hashlib.sha1(key.encode()).hexdigest()[:10]
@@ -766,15 +807,21 @@ def knn_table(cfg, split: str = "train", k: int = 7, device=None) -> str:
     mean-pooled, normalised final patch features; computed with ext.topk_neighbors (never the full
     similarity matrix) and cached at <data_dir>/nns/. Returns the cache path ({'indices', 'values'})."""
     size = cfg.img_size if split == "train" else cfg.val_size
-    name = f"nns_{cfg.data}_{split}_{cfg.arch}{cfg.patch}_{size}_{_weights_tag(cfg)}.pt"
+    dataset = ppap.build_dataset(cfg, split)
+    # the key names the images too (a changed file list or file is a new table; the demo's by its size)
+    files = ppap._sources_digest(dataset.pairs) if hasattr(dataset, "pairs") else f"{type(dataset).__name__}{len(dataset)}"
+    files = hashlib.sha1(files.encode()).hexdigest()[:10]
+    name = f"nns_{cfg.data}_{split}_{cfg.arch}{cfg.patch}_{size}_{_weights_tag(cfg)}_{files}.pt"
     path = os.path.join(cfg.data_dir, "nns", name)
     if os.path.exists(path):
-        table = torch.load(path, weights_only=True)
-        if table["indices"].shape[1] >= k + 1:
-            return path
+        try:
+            table = torch.load(path, weights_only=True)
+            if table["indices"].shape[0] == len(dataset) and table["indices"].shape[1] >= min(k + 1, len(dataset)):
+                return path
+        except Exception:                         # a damaged table is computed again
+            pass
     from ext import topk_neighbors
     device = device or ppap.pick_device(cfg.device)
-    dataset = ppap.build_dataset(cfg, split)
     vit = ppap.build_backbone(cfg).to(device).eval()
     amp = ppap.amp_dtype(cfg, device)
     feats = []
@@ -1123,25 +1170,31 @@ def _propagation_cli(args) -> int:
     if per_batch < cfg.group:                      # before any forward pass
         raise PPAPError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
                         f"fewer than one anchor group ({cfg.group}); raise --batch-size (or --limit)")
+    out_dir = _out_dir(args, info, "propagation", cfg, f"seed{args.anchors_seed}", args.trained_features)
+    with output_folder(out_dir) as tmp:
+        report, png = _propagation_into(tmp, args, t0, device, model, cfg, info, loader, names)
+    print(f"{info['kind']} {info['checkpoint']} ({info['selection']}) on {cfg.data} val, device {device}")
+    print(format_propagation(report))
+    path = os.path.join(out_dir, "propagation.json")
+    print(f"wrote {path}" + (f" and {os.path.join(out_dir, png)}" if png else ""))
+    return 0
+
+
+def _propagation_into(tmp, args, t0, device, model, cfg, info, loader, names):
+    """_propagation_cli's work, its files written into `tmp` -> (report, figure file name or None)."""
     report, fig = propagation_report(model.to(device), loader, device, ppap.build_loss(cfg), seed=args.anchors_seed,
                                      trained=args.trained_features, amp=ppap.amp_dtype(cfg, device))
-    out_dir = _out_dir(args, info, "propagation")
-    png = plot_propagation(fig, names, os.path.join(out_dir, "propagation.png")) if fig else None
+    png = os.path.basename(plot_propagation(fig, names, os.path.join(tmp, "propagation.png"))) if fig else None
     report.update({
         "checkpoint": os.path.abspath(info["checkpoint"]), "kind": info["kind"], "selection": info["selection"],
         "data": cfg.data, "limit": args.limit or None, "batch_size": args.batch_size,
         "hyper_source": "the run's config" if info["kind"] == "run"
         else f"the {cfg.data} preset for {cfg.arch}/{cfg.patch} (ppap.PRESETS)",
         "mode": "eval (no Dropout2d on the criterion features)",
-        "figure": os.path.basename(png) if png else None, "git_commit": ppap.git_commit(), "device": str(device),
+        "figure": png, "git_commit": ppap.git_commit(), "device": str(device),
         "torch": torch.__version__, "seconds": round(time.time() - t0, 2)})
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "propagation.json")
-    ppap.atomic_write(path, lambda p: ppap.write_json(p, _nan_to_none(report), indent=1))
-    print(f"{info['kind']} {info['checkpoint']} ({info['selection']}) on {cfg.data} val, device {device}")
-    print(format_propagation(report))
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
-    return 0
+    ppap.atomic_write(os.path.join(tmp, "propagation.json"), lambda p: ppap.write_json(p, _nan_to_none(report), indent=1))
+    return report, png
 
 
 # ==== AUDIT: the authors' released checkpoints against the paper ====
@@ -1220,6 +1273,14 @@ def audit(args, progress: bool = True) -> dict:
     ck_dir = args.checkpoints or os.environ.get("PPAP_CHECKPOINTS", "./checkpoints")
     data_dir = args.data_dir or os.environ.get("PPAP_DATA", "./data")
     out_dir = args.out or os.path.join("runs", "audit")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PPAPError(f"cannot write the audit to {out_dir}: it is a file; give a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise PPAPError(f"cannot write the audit to {out_dir}: {e.strerror or e}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise PPAPError(f"cannot write the audit to {out_dir}: not writable; choose another --out")
     manifest = read_manifest(ck_dir)
     device = ppap.pick_device(args.device)
     dense_crf = load_crf(crf_device(args.crf_device, device)) if args.crf else None   # fail fast
@@ -1380,16 +1441,66 @@ def _load_target(args) -> tuple:
         over["data_dir"] = args.data_dir
     cfg = ppap.make_config(over)
     info = {"kind": "official", "checkpoint": args.official, "selection": "authors-release", "class_names": None,
-            "checkpoint_git": None, "step": None, "out": "runs",
-            "stem": os.path.splitext(os.path.basename(args.official))[0]}
+            "checkpoint_git": None, "step": None, "out": os.path.join("runs", os.path.splitext(
+                os.path.basename(args.official))[0]), "stem": ""}
     return model, cfg, info
 
 
-def _out_dir(args, info, what: str) -> str:
-    """--out, or the default folder of this report: <run>/<what>[_<stem>], runs/<what>_<stem> (official)."""
+def _out_dir(args, info, what: str, cfg, *details) -> str:
+    """--out, or the folder named by what was evaluated, so that no evaluation replaces a different one:
+    <run>/<what>/[<checkpoint stem>-]<data>-<full|firstN>[-<detail>...] (an authors' checkpoint: runs/<its stem>/...),
+    e.g. runs/x/eval/cocostuff-full-crf or runs/x/eval/cocostuff-first2."""
     if args.out:
         return args.out
-    return os.path.join(info["out"], what + (f"_{info['stem']}" if info["stem"] else ""))
+    tag = [info["stem"], cfg.data, f"first{args.limit}" if args.limit else "full", *details]
+    return os.path.join(info["out"], what, "-".join(t for t in tag if t))
+
+
+@contextlib.contextmanager
+def output_folder(out_dir: str):
+    """-> a fresh folder beside out_dir to write an evaluation's files into, made before the evaluation starts
+    (a read-only run directory, a full disk or an --out that names a file is one line before any work). At the
+    end it replaces out_dir whole (under a lock on the parent folder, so concurrent evaluations of the same
+    thing leave one complete result, never a mix); on any failure out_dir keeps what it held."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PPAPError(f"cannot write the report to {out_dir}: it is a file; give a folder")
+    if os.path.isdir(out_dir):               # replaced whole: only an earlier report of ours, or nothing
+        held = list(os.scandir(out_dir))
+        if held and not (all(e.is_file() for e in held) and {"metrics.json", "propagation.json"} & {e.name for e in held}):
+            raise PPAPError(f"cannot write the report to {out_dir}: it holds other files than an earlier report, "
+                            f"which the report would replace; give a new or empty folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    except OSError as e:
+        raise PPAPError(f"cannot write the report to {out_dir}: {e.strerror or e} (read-only or full? choose "
+                        f"another --out)") from None
+    try:
+        try:
+            yield tmp
+        except OSError as e:                     # an error writing into tmp is the report's; others are not
+            if not str(e.filename or "").startswith(tmp):
+                raise PPAPError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
+            raise
+        fd = os.open(parent, os.O_RDONLY)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.exists(out_dir):
+                old = tmp + ".old"
+                os.rename(out_dir, old)
+                os.rename(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out_dir)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise PPAPError(f"cannot write the report to {out_dir}: {e.strerror or e} (disk full?); "
+                        f"it keeps what it held") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _eval_cfg(cfg, args):
@@ -1407,8 +1518,9 @@ def _target_and_data(args) -> tuple:
     loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
     if int(model.n_classes) != n_classes:
         raise PPAPError(f"the checkpoint has {model.n_classes} classes but {cfg.data} has {n_classes}")
-    if info["class_names"] and len(info["class_names"]) == n_classes:
-        names = list(info["class_names"])
+    if info["class_names"] and list(info["class_names"]) != list(names):
+        raise PPAPError(f"the checkpoint's classes ({', '.join(info['class_names'][:3])}, ...) are not those of "
+                        f"{cfg.data} ({', '.join(names[:3])}, ...): its probes cannot be scored on this data")
     return model, cfg, info, loader, names
 
 
@@ -1423,10 +1535,18 @@ def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, 
     if args.crf and dense_crf is None:
         dense_crf = load_crf(crf_on)  # fail fast, before loading anything
     model, cfg, info, loader, names = _target_and_data(args)
-    out_dir = _out_dir(args, info, "eval")
+    out_dir = _out_dir(args, info, "eval", cfg, "crf" if args.crf else "", "kmeans" if args.kmeans else "")
     if args.run and os.path.isdir(args.run) and os.path.exists(os.path.join(args.run, "best_on_val.pt")):
         print(f"note: evaluating last.pt; the best-on-val checkpoint is "
               f"{os.path.join(args.run, 'best_on_val.pt')} (--run {os.path.join(args.run, 'best_on_val.pt')})")
+    with output_folder(out_dir) if ppap.dist_rank() == 0 else contextlib.nullcontext() as tmp:
+        doc, res = _evaluate_into(tmp, args, t0, device, model, cfg, info, loader, names, dense_crf, crf_on, progress)
+    doc["out_dir"] = out_dir
+    return doc, res, names
+
+
+def _evaluate_into(tmp, args, t0, device, model, cfg, info, loader, names, dense_crf, crf_on, progress):
+    """evaluate_target's work, its files written into `tmp` (rank 0; None in the other processes)."""
     model = model.to(device)
     amp = ppap.amp_dtype(cfg, device)
     centroids, km = None, None
@@ -1447,12 +1567,9 @@ def evaluate_target(args, dense_crf=None, progress: bool = True) -> tuple[dict, 
     }
     if km is not None:
         meta["kmeans"] = km
-    if ppap.dist_rank() == 0:                     # the counts are the job's: rank 0 writes them
-        doc = write_outputs(res, names, out_dir, meta, crf=args.crf)
-    else:
-        doc = {**meta, "pngs": {}}
-    doc["out_dir"] = out_dir
-    return doc, res, names
+    if tmp is not None:                           # the counts are the job's: rank 0 writes them
+        return write_outputs(res, names, tmp, meta, crf=args.crf), res
+    return {**meta, "pngs": {}}, res
 
 
 def _evaluate_cli(args) -> int:
@@ -1614,6 +1731,18 @@ def main(argv=None) -> int:
                 print(msg, file=sys.stderr)
             else:
                 ppap.report_error(e)
+            return 2
+        except KeyboardInterrupt:                  # an evaluation writes nothing until it is complete
+            print("\ninterrupted: nothing was written", file=sys.stderr)
+            return 130
+        except OSError as e:                       # the file system's, where no place above names it better
+            ppap.report_error(PPAPError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"))
+            return 2
+        except RuntimeError as e:
+            if not ppap.out_of_memory(e):
+                raise
+            ppap.report_error(PPAPError(f"out of memory with --batch-size {args.batch_size} on {args.device}: "
+                                        f"lower --batch-size"))
             return 2
 
 

@@ -211,6 +211,8 @@ def check_config(cfg: Config) -> None:
     for name in ("max_steps", "seed", "crop_workers", "val_every", "val_limit", "val_subset", "n_classes"):
         if getattr(cfg, name) < 0:
             raise PPAPError(f"{flag(name)} must be >= 0, not {getattr(cfg, name)}")
+    if cfg.seed >= 2 ** 32:                              # numpy's seeds (the authors' seed_everything) stop there
+        raise PPAPError(f"--seed must be below 2^32, not {cfg.seed}")
     for name in ("phi0", "psi0", "sigma_pos", "sigma_amb", "tau", "ppap_weight", "lr", "weight_decay",
                  "linear_lr", "cluster_lr", "grad_clip"):
         if not math.isfinite(getattr(cfg, name)):
@@ -807,22 +809,6 @@ class Diverged(PPAPError):
     """The loss is not a finite number: training cannot continue from here."""
 
 
-@contextlib.contextmanager
-def deferred_interrupt():
-    """Ctrl-C waits until the optimisers have all stepped, so a saved state is never half-updated."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
-
-
 def _has_grad(opt) -> bool:
     return any(p.grad is not None for group in opt.param_groups for p in group["params"])
 
@@ -878,7 +864,7 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, criterion, gener
     if opts["net"] in stepping:
         scaler.unscale_(opts["net"])
         gnorm = float(nn.utils.clip_grad_norm_(core.head_parameters(), cfg.grad_clip))
-    with deferred_interrupt():
+    with signals_deferred():                     # a stop waits until every optimiser has stepped
         if scaler.is_enabled():
             scale = scaler.get_scale()
             for o in stepping:
@@ -921,8 +907,9 @@ def train(cfg: Config, ckpt: dict | None = None) -> dict:
     Everything goes to cfg.run, which this process (rank 0 of a job) holds locked while it trains."""
     device = setup_distributed(cfg.device, cfg.batch_size)
     cfg.run = from_rank0(cfg.run or default_run_dir(cfg))     # the processes' clocks may straddle a second
-    continuing = ckpt is not None and os.path.dirname(ckpt["_file"]) == os.path.abspath(cfg.run)
-    with claim_run_dir(cfg.run, continuing) if dist_rank() == 0 else contextlib.nullcontext():
+    check_same_config(cfg)
+    continuing = ckpt is not None and ckpt["_file"] == os.path.abspath(os.path.join(cfg.run, "last.pt"))
+    with stop_signals(), claim_run_dir(cfg.run, continuing) if dist_rank() == 0 else contextlib.nullcontext():
         barrier()                                               # rank 0 has checked the run directory
         return train_loop(start_run(cfg, ckpt, device))
 
@@ -980,6 +967,8 @@ def start_run(cfg: Config, ckpt: dict | None, device: torch.device) -> Run:
         print("the val images have no labels: the run trains and saves, and nothing can be scored")
     if len(train_set) < cfg.batch_size:
         raise PPAPError(f"the train set has {len(train_set)} images, fewer than --batch-size {cfg.batch_size}")
+    if len(val_set) == 0:
+        raise PPAPError(f"the {cfg.data} val set under {cfg.data_dir} has no images: nothing could ever be scored")
     h = cfg.img_size // cfg.patch
     if cfg.ppap_weight and cfg.batch_size * h * h < cfg.group * world_size():
         raise PPAPError(f"a batch of {cfg.batch_size} has {cfg.batch_size * h * h} patches, fewer than one "
@@ -992,15 +981,7 @@ def start_run(cfg: Config, ckpt: dict | None, device: torch.device) -> Run:
     step_gen = torch.Generator().manual_seed(cfg.seed)
     step, best, skipped = 0, None, 0
     if ckpt is not None:
-        core.load_state_dict(ckpt["model"])
-        for k, o in opts.items():
-            o.load_state_dict(ckpt["optim"][k])
-        if scaler.is_enabled() and ckpt["scaler"]:        # a CPU or bf16 run has no scaler state to restore
-            scaler.load_state_dict(ckpt["scaler"])
-        if "step" not in ckpt.get("rng", {}):
-            raise PPAPError(f"{ckpt['_file']} was written by an older version of ppap.py and cannot be resumed "
-                            f"exactly; evaluate it with eval.py, or start a new run")
-        step_gen.set_state(ckpt["rng"]["step"])
+        restore(ckpt, core, opts, scaler, step_gen)
         step, best, skipped = ckpt["step"], ckpt.get("best"), ckpt.get("skipped_steps", 0)
         print(f"resumed {cfg.run} at step {step}")
     n_train = sum(p.numel() for p in core.head_parameters())
@@ -1030,6 +1011,31 @@ def start_run(cfg: Config, ckpt: dict | None, device: torch.device) -> Run:
                saved=step if ckpt is not None else None, step_rng=step_gen.get_state())
 
 
+def restore(ckpt: dict, core: PPAP, opts: dict, scaler, step_gen: torch.Generator) -> None:
+    """Put a checkpoint's weights, optimiser, scaler and generator states back, each checked first."""
+    file = ckpt["_file"]
+    if not {"optim", "scaler", "step"} <= set(ckpt) or "step" not in ckpt.get("rng", {}):
+        raise PPAPError(f"{file} was written by an older version of ppap.py and cannot be resumed exactly; "
+                        f"evaluate it with eval.py, or start a new run")
+    check_weights(core, ckpt["model"], file)
+    core.load_state_dict(ckpt["model"])
+    for k, o in opts.items():
+        theirs, params = ckpt["optim"][k], [p for g in o.param_groups for p in g["params"]]
+        ids = [i for g in theirs["param_groups"] for i in g.get("params", [])]
+        if len(ids) != len(params) or any(
+                torch.is_tensor(t) and t.dim() and t.shape != p.shape
+                for i, p in zip(ids, params) for t in theirs["state"].get(i, {}).values()):
+            raise PPAPError(f"{file}: the state of optimiser '{k}' does not fit its {len(params)} parameters (a "
+                            f"damaged checkpoint)")
+        o.load_state_dict(theirs)
+    if scaler.is_enabled() and ckpt["scaler"]:            # a CPU or bf16 run has no scaler state to restore
+        scaler.load_state_dict(ckpt["scaler"])
+    try:
+        step_gen.set_state(ckpt["rng"]["step"])
+    except RuntimeError:
+        raise PPAPError(f"{file}: 'rng' holds no generator state (a damaged checkpoint)") from None
+
+
 def save(run: Run, selection: str = "last") -> None:
     """Write last.pt (or best_on_val.pt): the weights must be finite, and alike in every process."""
     bad = [k for k, v in run.core.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -1053,7 +1059,7 @@ def validate(run: Run) -> dict:
     metrics = evaluate(run.core, loader, run.device, amp=amp_dtype(cfg, run.device), progress=cfg.progress,
                        linear=run.linear)
     record = {"step": run.step, **{k: v for k, v in metrics.items() if isinstance(v, float)},
-              "val_images": metrics["n_images"], "skipped_steps": run.skipped}
+              "val_images": metrics["n_images"], "full": loader is run.full_loader, "skipped_steps": run.skipped}
     if run.scaler.is_enabled():
         record["loss_scale"] = run.scaler.get_scale()
     if run.log is not None:
@@ -1086,9 +1092,13 @@ def train_loop(run: Run) -> dict:
             epoch, skip = divmod(run.step, run.steps_per_epoch)
             for batch in make_loader(cfg, run.train_set, train=True, epoch=epoch, skip=skip):
                 t0 = time.time()
-                st = train_step(run.model, batch, run.opts, run.scaler, cfg, run.device, run.criterion, run.step_gen)
-                run.step, run.skipped, run.step_rng = run.step + 1, run.skipped + st.pop("skipped"), \
-                    run.step_gen.get_state()
+                # a stop signal waits until the step is applied and recorded: never a step half done, or done
+                # and not counted (last.pt would label the new weights with the old step)
+                with signals_deferred():
+                    st = train_step(run.model, batch, run.opts, run.scaler, cfg, run.device, run.criterion,
+                                    run.step_gen)
+                    run.step, run.skipped, run.step_rng = run.step + 1, run.skipped + st.pop("skipped"), \
+                        run.step_gen.get_state()
                 bar.update(1)
                 extra = {"skipped": run.skipped} if run.skipped else {}
                 if run.scaler.is_enabled():
@@ -1096,21 +1106,14 @@ def train_loop(run: Run) -> dict:
                 bar.set_postfix(_format_stats(st), **extra, ips=f"{cfg.batch_size / (time.time() - t0):.1f}")
                 if validation_due(cfg, run.step, run.steps_per_epoch, run.total):
                     bar.clear()
-                    save(run)                            # first: a failing validation must not lose the steps
+                    with signals_deferred():
+                        save(run)                        # first: a failing validation must not lose the steps
                     metrics = validate(run)
                 if run.step == run.total:
                     break
-    except KeyboardInterrupt:
+    except BaseException as e:
         bar.close()
-        if run.step and run.saved != run.step:
-            save(run)
-        raise KeyboardInterrupt(f"interrupted at step {run.step}: {os.path.join(cfg.run, 'last.pt')} holds step "
-                                f"{run.saved}; continue with: python ppap.py --resume {shlex.quote(cfg.run)}"
-                                if run.saved is not None else f"interrupted at step {run.step}: nothing was saved")
-    except Diverged as e:
-        bar.close()
-        kept = f"{os.path.join(cfg.run, 'last.pt')} keeps step {run.saved}" if run.saved else "nothing was saved"
-        raise Diverged(f"training diverged at step {run.step + 1}: {e}; stopped ({kept})") from None
+        raise stopping(run, e) from None
     bar.close()
     if metrics is None:            # resumed a finished run whose last validation is not in the log
         metrics = validate(run)
@@ -1125,6 +1128,45 @@ def train_loop(run: Run) -> dict:
         print(f"{run.skipped} step(s) were skipped for non-finite gradients")
     print(f"run: {cfg.run}  (evaluate with: python eval.py --run {shlex.quote(cfg.run)})")
     return metrics
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """torch's CUDA OOM, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or isinstance(e, RuntimeError) and (
+        "out of memory" in str(e) or "can't allocate memory" in str(e))
+
+
+def stopping(run: Run, e: BaseException) -> BaseException:
+    """The one exit path of a training process, whatever ended the loop (a stop signal, a data error, an
+    exception from the step, divergence, lack of memory): save the last finished step when last.pt does not
+    hold it yet and its weights are finite (no signal interrupts that save), then -> the exception to raise,
+    whose one line says which step last.pt holds and how to continue. An unexpected error keeps its
+    traceback (that line goes to stderr first)."""
+    note = ""
+    if run.step and run.saved != run.step:
+        try:
+            with signals_deferred(reraise=False):
+                save(run)
+        except Diverged as d:
+            note = f"step {run.step} was not saved: {d}; "
+        except PPAPError as d:
+            note = f"saving step {run.step} failed: {d}; "
+    last = os.path.join(run.cfg.run, "last.pt")
+    where = note + (f"{last} holds step {run.saved}; continue with: python ppap.py --resume "
+                    f"{shlex.quote(run.cfg.run)}" if run.saved is not None else "nothing was saved")
+    signum = e.signum if isinstance(e, Stopped) else signal.SIGINT if isinstance(e, KeyboardInterrupt) else \
+        _stop.received[0] if _stop.received else None
+    if signum is not None:                   # also a loader error that a stop signal to the workers caused
+        return Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {run.step}: {where}")
+    if isinstance(e, Diverged):
+        return Diverged(f"training diverged at step {run.step + 1}: {e}; stopped ({where})")
+    if isinstance(e, PPAPError):
+        return PPAPError(f"{one_line(e)} (stopped at step {run.step}: {where})")
+    if out_of_memory(e):
+        return PPAPError(f"out of memory in step {run.step + 1} on {run.device} with --batch-size "
+                         f"{run.cfg.batch_size}: lower --batch-size (or use several GPUs) ({where})")
+    print(f"error: stopped at step {run.step} by an unexpected error (traceback below): {where}", file=sys.stderr)
+    return e
 
 # ==== THE EVALUATION PROTOCOL: metrics and evaluate ====
 # The authors' utils/seg_utils.py UnsupervisedMetrics and run.py's evaluation.
@@ -1473,7 +1515,10 @@ def load_backbone_weights(vit: VisionTransformer, path: str) -> None:
     except FileNotFoundError:
         raise PPAPError(f"weights file not found: {path}") from None
     except Exception as e:
-        raise PPAPError(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0][:120]}") from None
+        reason = " ".join(str(e).split())[:120] or "empty or cut short"
+        cached = os.path.dirname(os.path.abspath(path)) == os.path.abspath(os.path.join(torch.hub.get_dir(), "checkpoints"))
+        raise PPAPError(f"cannot read weights {path}: {type(e).__name__}: {reason}" + (
+            " — a download cut short? delete it and run: bash download.sh weights" if cached else "")) from None
     sd = dino_state_dict(obj)
     missing, unexpected, wrong = key_mismatch(vit.state_dict(), sd, free_shape=("pos_embed",))
     if missing or unexpected or wrong:
@@ -1666,8 +1711,13 @@ def _require(paths, dataset, data_dir, hint=""):
 
 
 def _read_list(path):
+    """The non-empty lines of a list file, each once (a repeated id would count its image twice)."""
     with open(path) as f:
-        return [ln.strip() for ln in f if ln.strip()]
+        lines = [ln.strip() for ln in f if ln.strip()]
+    unique = list(dict.fromkeys(lines))
+    if len(unique) < len(lines):
+        print(f"note: {path} lists {len(lines) - len(unique)} id(s) twice; each is used once", file=sys.stderr)
+    return unique
 
 
 def resized_size(w, h, size):
@@ -1771,13 +1821,16 @@ def read_cityscapes(img_path, lab_path):
 
 
 def _potsdam_image(arr):
-    """STEGO's potsdam .mat 'img' is [H,W,4] (RGB + IR).  Keep RGB.  uint8 is used as is; float
-    data in [0,1] is scaled by 255, float data with values above 1.5 is taken as 0..255; rounded
-    and clipped to uint8."""
+    """STEGO's potsdam .mat 'img' is [H,W,4] (RGB + IR).  Keep RGB.  uint8 is used as is; 16-bit integers
+    are scaled by 255/65535 (as 16-bit PNGs, open_rgb); float data in [0,1] is scaled by 255, float data with
+    values above 1.5 is taken as 0..255; rounded and clipped to uint8."""
     arr = np.asarray(arr)[..., :3]
     if arr.dtype != np.uint8:
+        wide = arr.dtype in (np.uint16, np.int32, np.uint32, np.int64) and arr.max(initial=0) > 255
         arr = arr.astype(np.float64)
-        if np.nanmax(arr, initial=0.0) <= 1.5:
+        if wide:
+            arr = arr * (255.0 / 65535.0)
+        elif np.nanmax(arr, initial=0.0) <= 1.5:
             arr = arr * 255.0
         arr = np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(arr))          # mode RGB
@@ -1888,14 +1941,14 @@ def _five_crop_one(task):
 
 
 def _sources_digest(pairs):
-    """Names, sizes and modification times of the source files: a replaced image or label changes it,
-    so its stale crops are rebuilt instead of silently reused."""
+    """Names and sizes of the source files: a replaced image or label changes it, so its stale crops are rebuilt
+    instead of silently reused, while a copy of the data (cp -r, rsync: new modification times) keeps it."""
     h = hashlib.sha1()
     for pair in pairs:
         for p in filter(None, pair):
             try:
                 st = os.stat(p)
-                h.update(f"{os.path.basename(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                h.update(f"{os.path.basename(p)}|{st.st_size}\n".encode())
             except OSError:
                 h.update(f"{os.path.basename(p)}|missing\n".encode())
     return h.hexdigest()
@@ -1944,20 +1997,20 @@ def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quali
         if _read_json(os.path.join(out, "DONE.json")) == manifest:
             return out
         tmp = out + ".incomplete"
-        if os.path.exists(tmp) and _read_json(os.path.join(tmp, "sources.json")) != manifest:
-            shutil.rmtree(tmp)                    # leftover of a build from other sources or encoding
-        for sub in ("img", "label"):
-            d = os.path.join(tmp, sub, "train")
-            os.makedirs(d, exist_ok=True)
-            for e in os.scandir(d):               # temporaries of a killed builder
-                if ".tmp" in e.name:
-                    os.remove(e.path)
-        atomic_write(os.path.join(tmp, "sources.json"), lambda p: write_json(p, manifest))
         tasks = [(read, i, a, b, tmp, quality, n_classes, name, data_dir) for i, (a, b) in enumerate(pairs)]
         workers = int(workers) if workers and workers > 0 else (os.cpu_count() or 1)
         workers = max(1, min(workers, len(tasks)))
         bar = tqdm(total=len(tasks), desc=f"five-crop {name} -> {out}", unit="img", disable=not progress)
-        try:
+        try:                                      # every write below may meet a full or read-only disk
+            if os.path.exists(tmp) and _read_json(os.path.join(tmp, "sources.json")) != manifest:
+                shutil.rmtree(tmp)                # leftover of a build from other sources or encoding
+            for sub in ("img", "label"):
+                d = os.path.join(tmp, sub, "train")
+                os.makedirs(d, exist_ok=True)
+                for e in os.scandir(d):           # temporaries of a killed builder
+                    if ".tmp" in e.name:
+                        os.remove(e.path)
+            atomic_write(os.path.join(tmp, "sources.json"), lambda p: write_json(p, manifest))
             if workers == 1:
                 for t in tasks:
                     _five_crop_one(t)
@@ -1968,21 +2021,19 @@ def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quali
                 with ctx.Pool(workers) as pool:
                     for _ in pool.imap_unordered(_five_crop_one, tasks, chunksize=8):
                         bar.update(1)
-        except PPAPError:
-            raise
+            atomic_write(os.path.join(tmp, "DONE.json"), lambda p: write_json(p, manifest))
+            if os.path.exists(out):               # stale set (other sources / encoding): replace
+                stale = f"{out}.stale-{os.getpid()}"
+                os.rename(out, stale)
+                os.rename(tmp, out)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.rename(tmp, out)
         except OSError as e:
             raise PPAPError(f"cannot write the five-crop cache {tmp}: {e.strerror or type(e).__name__} (disk full or "
                             f"read-only?); the next run resumes it") from None
         finally:
             bar.close()
-        atomic_write(os.path.join(tmp, "DONE.json"), lambda p: write_json(p, manifest))
-        if os.path.exists(out):                   # stale set (other sources / encoding): replace
-            stale = f"{out}.stale-{os.getpid()}"
-            os.rename(out, stale)
-            os.rename(tmp, out)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
     return out
 
 
@@ -2212,7 +2263,8 @@ def make_loader(cfg: Config, dataset, train: bool, epoch: int = 0, skip: int = 0
     return torch.utils.data.DataLoader(dataset, batch_size=bs, sampler=sampler, num_workers=workers,
                                        drop_last=train, pin_memory=pick_device(cfg.device).type == "cuda",
                                        generator=g, persistent_workers=persistent and workers > 0,
-                                       prefetch_factor=4 if workers else None)
+                                       prefetch_factor=4 if workers else None,
+                                       worker_init_fn=_worker_signals if workers else None)
 
 
 # ==== SUPPORT: checkpoints, run directories and files ====
@@ -2293,14 +2345,22 @@ class RunLog:
                         rec = json.loads(line)
                     except ValueError:
                         continue                    # a half-written last line
-                    if isinstance(rec, dict) and rec.get("step", 0) <= after:
+                    if isinstance(rec, dict) and _is(rec.get("step", 0), int) and rec.get("step", 0) <= after:
                         self.records.append(rec)
-        atomic_write(path, lambda p: write_lines(p, [json.dumps(r) for r in self.records]))
+        with self._writing():
+            atomic_write(path, lambda p: write_lines(p, [json.dumps(r) for r in self.records]))
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with self._writing(), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.records.append(record)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as e:
+            raise PPAPError(f"cannot write {self.path}: {e.strerror or e} (disk full?)") from None
 
     def record(self, step: int) -> dict | None:
         return next((r for r in reversed(self.records) if r.get("step") == step), None)
@@ -2347,7 +2407,68 @@ def read_checkpoint(path: str) -> dict:
         raise PPAPError(f"cannot read checkpoint {file}: {type(e).__name__}: {msg}") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "n_classes"} <= set(ckpt):
         raise PPAPError(f"{file} is not a PPAP checkpoint (no model/config/n_classes entries)")
+    check_checkpoint(ckpt, file)
     return ckpt
+
+
+def _is(value, kind) -> bool:
+    """isinstance for the checkpoint schema: a bool is no int, an int is a float."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_checkpoint(ckpt: dict, file: str) -> None:
+    """The schema save_checkpoint writes, checked before anything is built from it: one line naming the first
+    field that does not fit (a checkpoint loads as data only, so a damaged or foreign one is still data)."""
+    def field(name, ok, expected):
+        if name in ckpt and not ok(ckpt[name]):
+            got = ckpt[name]
+            shown = f"a tensor of shape {tuple(got.shape)}" if torch.is_tensor(got) else f"{got!r}"[:60]
+            raise PPAPError(f"{file}: '{name}' is {shown}, expected {expected} (a damaged checkpoint, or not one "
+                            f"of ppap.py's)")
+    field("model", lambda v: isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in v.items()),
+          "a dict of tensors")
+    field("config", lambda v: isinstance(v, dict), "a dict of the run's flags")
+    field("n_classes", lambda v: _is(v, int) and v >= 1, "a positive integer")
+    field("class_names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)
+          and len(v) == ckpt["n_classes"], f"a list of {ckpt['n_classes']} class names")
+    field("step", lambda v: _is(v, int) and v >= 0, "a step number")
+    field("skipped_steps", lambda v: _is(v, int) and v >= 0, "a count of steps")
+    field("optim", lambda v: isinstance(v, dict) and all(isinstance(v.get(k), dict) and {"state", "param_groups"}
+                                                         <= set(v[k]) for k in ("net", "linear", "cluster")),
+          "the states of the optimisers net, linear and cluster")
+    field("scaler", lambda v: isinstance(v, dict), "a GradScaler state (a dict)")
+    field("rng", lambda v: isinstance(v, dict) and all(torch.is_tensor(t) and t.dtype == torch.uint8 and t.dim() == 1
+                                                       for t in v.values()), "generator states (uint8 tensors)")
+    field("best", lambda v: v is None or isinstance(v, dict) and _is(v.get("score"), float) and _is(v.get("step"), int),
+          "None or {'score', 'step'}")
+    types = {f.name: f.type for f in fields(Config)}
+    for k, v in ckpt["config"].items():
+        kind = types.get(k)
+        want = {"str": str, "int": int, "float": float, "bool": bool, "bool | None": bool}.get(kind)
+        if want is not None and not (_is(v, want) or kind == "bool | None" and v is None):
+            raise PPAPError(f"{file}: config '{k}' is {v!r}"[:120] + f", expected a {kind} (a damaged checkpoint, or "
+                            f"not one of ppap.py's)")
+
+
+def check_weights(model: nn.Module, sd: dict, file: str) -> None:
+    """A state dict that fits the model strictly and holds finite numbers only, else one line."""
+    missing, unexpected, wrong = key_mismatch(model.state_dict(), sd)
+    if missing or unexpected or wrong:
+        raise PPAPError(f"{file} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}, shapes "
+                        f"differ at {wrong[:3]}")
+    check_finite(sd, file)
+
+
+def check_finite(sd: dict, file: str) -> None:
+    """Weights that hold NaN or infinity score a meaningless argmax: one line instead."""
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise PPAPError(f"{file} holds non-finite weights ({', '.join(bad[:3])}): nothing can be scored or "
+                        f"continued from it")
 
 
 def config_from_checkpoint(ckpt: dict, **overrides) -> Config:
@@ -2360,14 +2481,13 @@ def model_from_checkpoint(ckpt: dict, file: str = "checkpoint") -> tuple[PPAP, C
     cfg = config_from_checkpoint(ckpt)
     if cfg.arch not in BACKBONES:
         raise PPAPError(f"{file}: unknown arch {cfg.arch!r}")
+    if cfg.patch not in BACKBONES[cfg.arch].patches:
+        raise PPAPError(f"{file}: --arch {cfg.arch} has no patch size {cfg.patch}")
     model = build_model(cfg, int(ckpt["n_classes"]), weights=False)
     sd = ckpt["model"]
     if "backbone.pos_embed" in sd and hasattr(model.backbone, "adopt_pos_grid"):    # a ViT of another resolution
         model.backbone.adopt_pos_grid(sd["backbone.pos_embed"])
-    missing, unexpected, wrong = key_mismatch(model.state_dict(), sd)
-    if missing or unexpected or wrong:
-        raise PPAPError(f"{file} does not fit {cfg.arch}/{cfg.patch}: missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}, shapes differ at {wrong[:3]}")
+    check_weights(model, sd, file)
     model.load_state_dict(sd, strict=True)
     return model, cfg
 
@@ -2377,6 +2497,100 @@ def load_run(path: str, device="cpu"):
     ckpt = read_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, checkpoint_file(path))
     return model.to(device), cfg, ckpt
+
+
+# ==== SUPPORT: stopping cleanly (signals) ====
+# A scheduler ends a job with SIGTERM (SLURM at its time limit, scancel), a dropped ssh session with SIGHUP, a
+# user with Ctrl-C (SIGINT). While a run trains, each raises Stopped in the main thread, which leaves the loop
+# through its one exit path (stopping: save, then one line); the exit code stays the shell's 128 + signal
+# (130, 143, 129), which requeue scripts test. A signal that arrives during a step waits until the step is
+# applied and counted, one during a checkpoint's write until it is written; after the first signal the others
+# are ignored (a second Ctrl-C never interrupts the save).
+
+class Stopped(BaseException):
+    """A stop signal (a BaseException, as KeyboardInterrupt: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+
+class _StopState:
+    received: list = []         # the stop signals this process received, in order
+    deferring: int = 0          # > 0 inside signals_deferred: signals are recorded, raised at its end
+    previous: dict = {}         # the handlers before stop_signals, while later stops are only recorded
+
+
+_stop = _StopState()
+
+
+def _on_stop(signum, frame):
+    _stop.received.append(signum)
+    if len(_stop.received) == 1 and not _stop.deferring:
+        raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within: SIGINT, SIGTERM and SIGHUP raise Stopped in the main thread (the first; later ones are only
+    recorded); the previous handlers afterwards. Loader workers reset them (_worker_signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _stop.received, _stop.deferring = [], 0
+    previous = {s: signal.signal(s, _on_stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        if _stop.received:       # stopping: a later signal is ignored until the process has exited (SIG_IGN,
+            _stop.previous = previous     # which, unlike a Python handler, also holds while the interpreter exits)
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+        else:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def restore_stop_handlers() -> None:
+    """The handlers from before stop_signals, for a caller that goes on after a stopped run (main(), in-process)."""
+    for s, handler in _stop.previous.items():
+        signal.signal(s, handler)
+    _stop.previous = {}
+
+
+@contextlib.contextmanager
+def signals_deferred(reraise: bool = True):
+    """Within: a stop signal waits (the optimisers stepping, a checkpoint being written); at the end the first
+    one is raised as Stopped (reraise) or left to the caller, which is stopping anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ours = signal.getsignal(signal.SIGINT) is _on_stop
+    previous = {} if ours else {s: signal.signal(s, lambda signum, frame: _stop.received.append(signum))
+                                for s in STOP_SIGNALS}
+    if not ours:
+        _stop.received = []
+    seen = len(_stop.received)
+    _stop.deferring += 1
+    try:
+        yield
+    finally:
+        _stop.deferring -= 1
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if reraise and not _stop.deferring and len(_stop.received) > seen and seen == 0:
+            raise Stopped(_stop.received[0])
+
+
+def _worker_signals(worker_id: int) -> None:
+    """A DataLoader worker leaves stop signals to the main process: Ctrl-C as PyTorch's workers expect it,
+    SIGTERM and SIGHUP ending it quietly."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for s in STOP_SIGNALS[1:]:
+        signal.signal(s, signal.SIG_DFL)
 
 
 # ==== SUPPORT: devices, and several processes (torchrun) ====
@@ -2504,6 +2718,22 @@ def all_names(names) -> list:
     return sorted(set().union(*every))
 
 
+def check_same_config(cfg: Config) -> None:
+    """Every process of a job must train the same configuration (each gets its own command line): one line
+    naming the first flag that differs, in every process, before any collective could hang on it."""
+    if world_size() == 1:
+        return
+    mine = {k: v for k, v in asdict(cfg).items() if k != "progress"}
+    every = [None] * world_size()
+    torch.distributed.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every):
+        differ = [k for k in mine if theirs.get(k) != every[0].get(k)]
+        if differ:
+            k = differ[0]
+            raise PPAPError(f"the processes of this job were started with different flags: {flag(k)} "
+                            f"{every[0][k]!r} in rank 0, {theirs[k]!r} in rank {rank}")
+
+
 def check_same_weights(core: nn.Module, step: int) -> None:
     """Every process must hold the same trained weights (checked at each save); one line if they drifted."""
     if world_size() == 1:
@@ -2603,38 +2833,54 @@ def resume_config(overrides: dict) -> tuple[Config, dict]:
     """--resume RUN [allowed flags] -> (the run's Config with those flags applied, its checkpoint).
     A run continues in its own directory; --run NEW continues it in a new one (required when resuming
     from best_on_val.pt, which would otherwise overwrite the run's newer last.pt)."""
+    if not overrides["resume"].strip():
+        raise PPAPError("--resume needs a run directory or a checkpoint file, not an empty value (an unset "
+                        "variable in a requeue script?)")
     refused = [k for k in overrides if k not in RESUME_FLAGS + ("run",)]
     if refused:
         raise PPAPError(f"--resume continues a run as it was configured; {', '.join(map(flag, refused))} "
                         f"cannot change (allowed: {', '.join(map(flag, RESUME_FLAGS[1:]))}, --run)")
     file = os.path.abspath(checkpoint_file(overrides["resume"]))
     ckpt = read_checkpoint(file)
-    if os.path.basename(file) != "last.pt" and not overrides.get("run"):
-        raise PPAPError(f"--resume {file}: continuing from it would overwrite {os.path.dirname(file)}/last.pt, "
-                        f"which is newer; add --run NEW_DIR to continue in a new directory")
+    run = overrides.get("run") or os.path.dirname(file)
+    held = os.path.abspath(os.path.join(run, "last.pt"))
+    if file != held and os.path.exists(held):
+        raise PPAPError(f"--resume {file}: continuing it in {run} would overwrite {held}, the run's own; add "
+                        f"--run-dir NEW_DIR to continue in a new directory")
     ckpt["_file"] = file
     cfg = config_from_checkpoint(ckpt, **overrides)
-    cfg.run = overrides.get("run") or os.path.dirname(file)
+    cfg.run = run
     check_config(cfg)
     return cfg, ckpt
 
 
 def main(argv=None) -> int:
     """`python ppap.py [flags]` trains (or continues a run with --resume), alone or as one process of a
-    torchrun job."""
+    torchrun job; -> the exit code. In-process callers get their signal handlers back; the script keeps
+    ignoring stop signals after a stop until it has exited (cli)."""
+    try:
+        return cli(argv)
+    finally:
+        restore_stop_handlers()
+
+
+def cli(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     with job_output():
         try:
             overrides = parse_overrides(argv)
-            cfg, ckpt = resume_config(overrides) if overrides.get("resume") else (make_config(overrides), None)
+            cfg, ckpt = resume_config(overrides) if "resume" in overrides else (make_config(overrides), None)
             if int(os.environ.get("RANK", "0")):
                 cfg.progress = False                     # one progress bar per job: rank 0's
             train(cfg, ckpt)
         except PPAPError as e:
             report_error(e)
             return 2
-        except KeyboardInterrupt as e:
-            print(f"\n{e}" if str(e) else "\ninterrupted", file=sys.stderr)
+        except Stopped as e:
+            print(f"\n{e}", file=sys.stderr)
+            return 128 + e.signum
+        except KeyboardInterrupt:                        # before training started
+            print("\ninterrupted before training started: nothing was saved", file=sys.stderr)
             return 130
     return 0
 
@@ -2679,4 +2925,4 @@ if __name__ == "__main__":
     # A module that imports ppap (a fork's plug-in, a test helper) must see this module, not a second copy
     # whose classes and registries differ from the running ones.
     sys.modules.setdefault("ppap", sys.modules[__name__])
-    sys.exit(main())
+    sys.exit(cli())

@@ -69,6 +69,21 @@ class BuildError(RuntimeError):
     """The extension could not be built or loaded (message is one line)."""
 
 
+
+def cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" warning: on a machine without
+    a GPU that is the normal case (the CPU library is all that is built), and a stray line under a one-line
+    error reads like a second problem."""
+    import logging
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as module
+    finally:
+        log.setLevel(level)
+    return module
+
 def build_root() -> Path:
     """Directory holding one build folder per library."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
@@ -77,7 +92,7 @@ def build_root() -> Path:
 
 def nvcc_path() -> str | None:
     """Path of the nvcc that cpp_extension would use, or None."""
-    from torch.utils.cpp_extension import CUDA_HOME
+    CUDA_HOME = cpp_extension().CUDA_HOME
 
     if CUDA_HOME:
         candidate = Path(CUDA_HOME) / "bin" / "nvcc"
@@ -182,7 +197,7 @@ def _cuda_link_flags(build_dir: Path) -> list[str]:
     another toolkit on the machine; a runtime present only as libcudart.so.N
     gets a libcudart.so link to it in the build folder.
     """
-    from torch.utils.cpp_extension import CUDA_HOME
+    CUDA_HOME = cpp_extension().CUDA_HOME
 
     homes = [Path(CUDA_HOME)] if CUDA_HOME else []
     nvcc = nvcc_path()
@@ -382,7 +397,7 @@ def _load(name: str, sources: tuple[str, ...], with_cuda: bool, archs: str | Non
                   file=sys.stderr, flush=True)
         saved_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
         try:
-            from torch.utils.cpp_extension import load
+            load = cpp_extension().load
 
             if with_cuda:  # cpp_extension reads the architectures from the environment
                 os.environ["TORCH_CUDA_ARCH_LIST"] = archs
@@ -416,7 +431,7 @@ def _check_toolchain(with_cuda: bool) -> None:
     if shutil.which(cxx) is None:
         raise BuildError(f"ext: C++ compiler '{cxx}' not found; install g++ "
                          "(e.g. apt-get install g++) or set CXX")
-    from torch.utils.cpp_extension import is_ninja_available
+    is_ninja_available = cpp_extension().is_ninja_available
 
     if not is_ninja_available():
         # `pip install ninja` puts the binary next to the interpreter, which is

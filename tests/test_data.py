@@ -671,3 +671,47 @@ def test_a_read_only_data_dir_without_a_crop_cache_is_one_line(tmp_path, monkeyp
     monkeypatch.setattr(os, 'makedirs', read_only)
     with pytest.raises(D.PPAPError, match=r'cannot create the five-crop cache .* \(Permission denied\); .* writable'):
         D.build_dataset(cfg('cocostuff', tmp_path), 'train')
+
+
+def test_sixteen_bit_potsdam_images_are_scaled_not_clipped(tmp_path):
+    rgb16 = (np.arange(32 * 40 * 3).reshape(32, 40, 3) * 17 % 65536).astype(np.uint16)
+    img = np.concatenate([rgb16, np.full((32, 40, 1), 999, np.uint16)], -1)      # + infrared
+    out = np.asarray(D._potsdam_image(img))
+    np.testing.assert_array_equal(out, np.clip(np.rint(rgb16 * (255 / 65535)), 0, 255).astype(np.uint8))
+    assert 0 < out.mean() < 250                                                   # not all white
+
+
+def test_a_list_that_names_an_id_twice_counts_it_once(tmp_path, capsys):
+    ids = make_coco(tmp_path, n_train=2, n_val=3)
+    lst = tmp_path / 'cocostuff' / 'curated' / 'val2017' / 'Coco164kFull_Stuff_Coarse_7.txt'
+    lst.write_text('\n'.join(ids['val2017'] + ids['val2017'][:2]) + '\n')
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'val')
+    assert len(ds) == 3 and "lists 2 id(s) twice" in capsys.readouterr().err
+
+
+def test_a_copied_data_dir_keeps_its_five_crop_set(tmp_path):
+    """cp -r gives every file a new modification time; the crops of unchanged sources are kept (a replaced
+    source is caught by its size, see test_a_replaced_source_label_rebuilds_its_crops)."""
+    make_coco(tmp_path, n_train=2)
+    D.build_dataset(cfg('cocostuff', tmp_path), 'train')
+    out = D.five_crop_dir(str(tmp_path), 'cocostuff')
+    snapshot = {f: os.stat(os.path.join(out, 'img', 'train', f)).st_mtime_ns for f in os.listdir(os.path.join(out, 'img', 'train'))}
+    for root, _, files in os.walk(tmp_path / 'cocostuff'):
+        for f in files:
+            os.utime(os.path.join(root, f), ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
+    D.build_dataset(cfg('cocostuff', tmp_path), 'train')
+    assert snapshot == {f: os.stat(os.path.join(out, 'img', 'train', f)).st_mtime_ns for f in snapshot}
+
+
+def test_a_full_disk_on_a_five_crop_rerun_is_one_line(tmp_path, monkeypatch):
+    make_coco(tmp_path, n_train=1)
+    real = D.atomic_write
+
+    def full(path, write):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(D, 'atomic_write', full)
+    for attempt in range(2):                       # the rerun meets a disk that is still full
+        with pytest.raises(D.PPAPError, match='cannot write the five-crop cache .*No space left on device'):
+            D.build_dataset(cfg('cocostuff', tmp_path), 'train')
+    monkeypatch.setattr(D, 'atomic_write', real)
+    assert len(D.build_dataset(cfg('cocostuff', tmp_path), 'train')) == 5

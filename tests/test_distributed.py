@@ -158,3 +158,25 @@ def test_a_global_batch_the_processes_cannot_share_is_one_line(tmp_path):
     assert r.returncode != 0 and errors == ["error: --batch-size 7 (the global batch) is not divisible by the 2 "
                                             "processes of this job"]
     assert "Traceback (most recent call last):\n  File \"" + os.path.join(ROOT, "ppap.py") not in r.stderr
+
+
+def _config_worker(rank, world, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = ppap.make_config({"data": "synthetic", "max_steps": 4 + rank, "progress": rank == 0})
+    try:
+        ppap.check_same_config(cfg)
+        msg = ""
+    except ppap.PPAPError as e:
+        msg = str(e)
+    with open(os.path.join(out_dir, f"{rank}.txt"), "w") as f:
+        f.write(msg)
+    torch.distributed.destroy_process_group()
+
+
+def test_processes_started_with_different_flags_stop_with_one_line(tmp_path):
+    """torchrun hands every process its own command line: different --max-steps would end in a collective
+    mismatch (gloo) or a hang (NCCL); every process says which flag differs instead, before training."""
+    torch.multiprocessing.spawn(_config_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        msg = (tmp_path / f"{rank}.txt").read_text()
+        assert msg == "the processes of this job were started with different flags: --max-steps 4 in rank 0, 5 in rank 1"

@@ -609,10 +609,12 @@ def test_summarize(tmp_path, capsys):
             "cluster": {"mIoU": cm, "Acc": 70.0 + i, "IoU": {"a": 10.0 * i, "b": None}},
             "linear": {"mIoU": la, "Acc": 80.0, "IoU": {"a": 1.0, "b": 2.0}}}}))
         runs.append(str(d))
-    d = tmp_path / "seed2"                        # no metrics.json: last validation in log.jsonl
+    d = tmp_path / "seed2"                        # no metrics.json: the last full validation in log.jsonl
     d.mkdir()
-    (d / "log.jsonl").write_text(json.dumps({"step": 1, "cluster_mIoU": 1.0}) + "\n"
-                                 + json.dumps({"step": 2, "cluster_mIoU": 42.0, "linear_mIoU": 61.0}) + "\n")
+    (d / "log.jsonl").write_text(json.dumps({"step": 1, "cluster_mIoU": 1.0, "full": True}) + "\n"
+                                 + json.dumps({"step": 2, "cluster_mIoU": 42.0, "linear_mIoU": 61.0, "val_images": 3,
+                                               "full": True, "skipped_steps": 0}) + "\n"
+                                 + json.dumps({"step": 3, "cluster_mIoU": 7.0, "full": False}) + "\n")
     s = ev.summarize(runs)
     assert s["metrics"]["cluster/mIoU"]["mean"] == pytest.approx(42.0)
     assert s["metrics"]["cluster/mIoU"]["std"] == pytest.approx(np.std([40.0, 44.0], ddof=1))
@@ -620,6 +622,7 @@ def test_summarize(tmp_path, capsys):
     assert s["metrics"]["cluster/IoU/b"]["n"] == 0
     s3 = ev.summarize([str(d)])
     assert s3["metrics"]["cluster/mIoU"] == {"mean": 42.0, "std": 0.0, "n": 1}
+    assert set(s3["metrics"]) == {"cluster/mIoU", "linear/mIoU"}        # no step, val_images, ...
     mixed = ev.summarize(runs + [str(d)])          # both sources use the same metric names
     assert mixed["metrics"]["cluster/mIoU"]["n"] == 3
     assert mixed["metrics"]["cluster/mIoU"]["mean"] == pytest.approx(42.0)
@@ -670,15 +673,15 @@ def test_knn_cli(tmp_path, capsys):
 # ---------------------------------------------------------------------------
 # the unhappy path
 
-def test_summarize_says_when_metrics_json_is_older_than_the_checkpoint(tmp_path, capsys):
+def test_summarize_skips_a_metrics_json_older_than_the_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "metrics.json").write_text(json.dumps({"metrics": {"cluster": {"mIoU": 40.0, "Acc": 70.0}}}))
     (run / "last.pt").write_bytes(b"newer checkpoint")
     os.utime(run / "eval" / "metrics.json", (1000, 1000))
-    assert ev.main(["--summarize", str(run)]) == 0
+    assert ev.main(["--summarize", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "older than" in err and "last.pt" in err and "python eval.py --run" in err
+    assert "nothing to summarize" in err and "older than last.pt" in err and "python eval.py --run" in err
 
 
 def test_summarize_bad_inputs_are_one_line(tmp_path, capsys):
@@ -745,3 +748,129 @@ def test_knn_table_falls_back_to_the_cpu_where_cuda_kernels_cannot_build(monkeyp
                             "progress": False, "val_size": 32})
     ev.knn_table(cfg, "val", k=2)
     assert asked == ["the kNN search"]
+
+
+# ---------------------------------------------------------------------------
+# evaluations never replace a different one; their output locations are checked before any work
+
+def test_an_evaluation_never_replaces_a_different_one(synthetic_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    import shutil
+    shutil.copytree(synthetic_run, run)
+    common = ["--run", str(run), "--device", "cpu", "--num-workers", "0", "--batch-size", "3"]
+    assert ev.main(common) == 0
+    full = run / "eval" / "synthetic-full" / "metrics.json"
+    before = full.read_bytes()
+    assert ev.main(common + ["--limit", "2"]) == 0                   # a quick look after the full evaluation
+    assert full.read_bytes() == before
+    assert json.loads((run / "eval" / "synthetic-first2" / "metrics.json").read_text())["n_images"] == 2
+    # the summary takes the complete one and says what it passed over
+    capsys.readouterr()
+    assert ev.main(["--summarize", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "first 2 val images" in out and "eval/synthetic-full" in out
+    # two evaluations of the same thing at once: both finish, one complete result, no leftovers
+    procs = [subprocess.Popen([PY, "eval.py", *common, "--limit", "4"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read()[-500:] for p in procs]
+    doc = json.loads((run / "eval" / "synthetic-first4" / "metrics.json").read_text())
+    assert doc["n_images"] == 4 and sorted(doc["pngs"].values()) == sorted(
+        f for f in os.listdir(run / "eval" / "synthetic-first4") if f.endswith(".png"))
+    assert sorted(os.listdir(run / "eval")) == ["synthetic-first2", "synthetic-first4", "synthetic-full"]
+    assert full.read_bytes() == before
+
+
+def test_output_locations_are_checked_before_the_work(synthetic_run, tmp_path, capsys, monkeypatch):
+    def one(argv):
+        rc = ev.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+    monkeypatch.setattr(ppap, "evaluate", lambda *a, **k: pytest.fail("evaluated before the output was checked"))
+    common = ["--run", str(synthetic_run), "--device", "cpu", "--num-workers", "0"]
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in one(common + ["--out", str(tmp_path / "afile")])
+    assert "is a file" in one(["--propagation", *common, "--out", str(tmp_path / "afile")])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    assert "holds other files" in one(common + ["--out", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(ev.tempfile, "mkdtemp", read_only)        # a colleague's finished run on a shared mount
+    assert "Read-only file system" in one(common)
+
+
+def test_a_full_disk_while_writing_leaves_the_previous_report(synthetic_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "rep"
+    common = ["--run", str(synthetic_run), "--device", "cpu", "--num-workers", "0", "--limit", "3", "--out", str(out)]
+    assert ev.main(common) == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+    def full(examples, names, assignment, path, **k):
+        open(path, "wb").close()                                    # what a full disk leaves: a 0-byte PNG
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(ev, "plot_examples", full)
+    capsys.readouterr()
+    assert ev.main(common) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "|" not in ln and ln.strip()]   # (progress bars)
+    assert len(err) == 1 and "No space left on device" in err[0] and "keeps what it held" in err[0], err
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before        # no 0-byte PNG, nothing mixed
+    assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
+
+
+def test_a_run_is_scored_only_on_data_with_its_classes(synthetic_run, tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "own"
+    for split in ("train", "val"):
+        (folder / "imgs" / split).mkdir(parents=True)
+        (folder / "labels" / split).mkdir(parents=True)
+        Image.new("RGB", (64, 64), (30, 90, 200)).save(folder / "imgs" / split / "a.png")
+        Image.new("L", (64, 64), 1).save(folder / "labels" / split / "a.png")
+    (folder / "classes.txt").write_text("\n".join(f"c{i}" for i in range(6)) + "\n")   # 6 classes, other names
+    rc = ev.main(["--run", str(synthetic_run), "--data", "folder", "--data-dir", str(folder), "--device", "cpu",
+                  "--num-workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "are not those of folder" in err[0] and "red grain" in err[0]
+
+
+def test_the_knn_table_follows_the_val_set(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "own"
+    (folder / "imgs" / "val").mkdir(parents=True)
+    (folder / "imgs" / "train").mkdir(parents=True)
+    (folder / "classes.txt").write_text("a\nb\n")
+
+    def images(n):
+        for i in range(n):
+            Image.new("RGB", (40, 40), (20 * i, 90, 200 - 20 * i)).save(folder / "imgs" / "val" / f"{i}.png")
+    images(3)
+    cfg = ppap.make_config({"data": "folder", "data_dir": str(folder), "arch": "vit_tiny_demo", "val_size": 32,
+                            "device": "cpu", "num_workers": 0, "progress": False})
+    three = ev.knn_table(cfg, "val", k=2)
+    assert torch.load(three, weights_only=True)["indices"].shape[0] == 3
+    images(5)                                                        # grown: a new table, not the 3-image one
+    five = ev.knn_table(cfg, "val", k=2)
+    assert five != three and torch.load(five, weights_only=True)["indices"].shape[0] == 5
+    for i in (3, 4):
+        os.remove(folder / "imgs" / "val" / f"{i}.png")
+    (folder / "imgs" / "val" / "0.png").write_bytes((folder / "imgs" / "val" / "1.png").read_bytes() + b"\0")
+    changed = ev.knn_table(cfg, "val", k=2)                          # same count, a changed file: new table
+    assert changed not in (three, five) and torch.load(changed, weights_only=True)["indices"].shape[0] == 3
+
+
+@pytest.mark.parametrize("exc,rc,says", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"), 2, "error: out of memory with --batch-size 8"),
+    (KeyboardInterrupt(), 130, "interrupted: nothing was written"),
+    (OSError(5, "Input/output error", "/mnt/nfs/x.jpg"), 2, "error: /mnt/nfs/x.jpg: Input/output error"),
+], ids=["oom", "ctrl-c", "io"])
+def test_an_evaluation_that_cannot_finish_is_one_line(exc, rc, says, synthetic_run, tmp_path, capsys, monkeypatch):
+    def fails(*a, **k):
+        raise exc
+    monkeypatch.setattr(ppap, "evaluate", fails)
+    assert ev.main(["--run", str(synthetic_run), "--device", "cpu", "--num-workers", "0",
+                    "--out", str(tmp_path / "o")]) == rc
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(says), err
+    assert not (tmp_path / "o").exists() and not [f for f in os.listdir(tmp_path) if ".tmp" in f]

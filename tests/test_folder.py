@@ -91,9 +91,9 @@ def test_train_and_evaluate_a_folder_with_and_without_train_labels(tmp_path, cap
     ckpt = torch.load(os.path.join(run, "last.pt"), weights_only=True)
     assert ckpt["class_names"] == CLASSES and ckpt["config"]["phi0"] == ppap.PRESETS[("cocostuff", "vit_small", 8)]["phi0"]
     assert ev.main(["--run", run, "--device", "cpu", "--num-workers", "0", "--kmeans", "--kmeans-samples", "500"]) == 0
-    doc = json.loads(open(os.path.join(run, "eval", "metrics.json")).read())
+    doc = json.loads(open(os.path.join(run, "eval", "folder-full-kmeans", "metrics.json")).read())
     assert set(doc["metrics"]) == {"cluster", "linear", "kmeans"} and list(doc["metrics"]["cluster"]["IoU"]) == CLASSES
-    assert doc["n_images"] == 4 and os.path.exists(os.path.join(run, "eval", "examples.png"))
+    assert doc["n_images"] == 4 and os.path.exists(os.path.join(run, "eval", "folder-full-kmeans", "examples.png"))
     assert ev.main(["--summarize", run]) == 0
     assert "cluster/mIoU" in capsys.readouterr().out
 
@@ -111,7 +111,7 @@ def test_train_and_evaluate_a_folder_with_and_without_train_labels(tmp_path, cap
     assert not torch.equal(sd["head.mlp.fc1.weight"], sd["backbone.blocks.3.mlp.fc1.weight"])   # the head learned
     assert ev.main(["--run", run2, "--device", "cpu", "--num-workers", "0", "--propagation", "--batch-size", "4"]) == 0
     assert ev.main(["--run", run2, "--device", "cpu", "--num-workers", "0"]) == 0
-    doc = json.loads(open(os.path.join(run2, "eval", "metrics.json")).read())
+    doc = json.loads(open(os.path.join(run2, "eval", "folder-full", "metrics.json")).read())
     assert set(doc["metrics"]) == {"cluster"}
 
     # labels/val removed too: the run trains and saves, and says nothing can be scored

@@ -59,7 +59,7 @@ def test_a_resnet50_backbone_trains_and_evaluates_unchanged(tmp_path, monkeypatc
     assert not torch.equal(ckpt["model"]["head.weight"], start.state_dict()["head.weight"])   # the head learned
     capsys.readouterr()
     assert ev.main(["--run", run, "--limit", "4", "--device", "cpu", "--num-workers", "0", "--batch-size", "2"]) == 0
-    doc = json.loads(open(os.path.join(run, "eval", "metrics.json")).read())
+    doc = json.loads(open(os.path.join(run, "eval", "synthetic-first4", "metrics.json")).read())
     assert doc["n_images"] == 4 and 0 <= doc["metrics"]["cluster"]["mIoU"] <= 100
 
 

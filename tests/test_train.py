@@ -150,7 +150,7 @@ def test_ppap_py_reads_method_first():
     banners = [(i, l[len("# ==== "):]) for i, l in enumerate(lines) if l.startswith("# ==== ")]
     order = ["CONFIG", "THE BACKBONE CONTRACT", "BRANCHES", "PROPAGATION AND LOSS", "TRAIN STEP", "TRAINING LOOP",
              "THE EVALUATION PROTOCOL", "SUPPORT: DINOv2", "SUPPORT: the backbone registry", "SUPPORT: datasets",
-             "SUPPORT: checkpoints", "SUPPORT: devices, and several processes", "CLI"]
+             "SUPPORT: checkpoints", "SUPPORT: stopping cleanly", "SUPPORT: devices, and several processes", "CLI"]
     assert len(banners) == len(order) and all(t.startswith(o) for (_, t), o in zip(banners, order)), banners
     method_end = next(i for i, l in enumerate(lines) if "MACHINERY" in l and l.startswith("# ====="))
     assert banners[6][0] < method_end < banners[7][0]
@@ -163,7 +163,8 @@ def test_ppap_py_reads_method_first():
              "def train_step": "TRAIN STEP", "def train_loop": "TRAINING LOOP", "def evaluate": "THE EVALUATION",
              "class DinoV2ViT": "SUPPORT: DINOv2", "BACKBONES = ": "SUPPORT: the backbone registry",
              "DATASETS = ": "SUPPORT: datasets", "class SyntheticDataset": "SUPPORT: datasets",
-             "def save_checkpoint": "SUPPORT: checkpoints", "def gather_rows": "SUPPORT: devices",
+             "def save_checkpoint": "SUPPORT: checkpoints", "class Stopped": "SUPPORT: stopping",
+             "def gather_rows": "SUPPORT: devices",
              "def main": "CLI"}
     for definition, title in where.items():
         assert section(definition.replace("def features", "    def features")).startswith(title), definition
@@ -335,7 +336,12 @@ def test_resuming_from_best_on_val_needs_a_new_directory(tmp_path, capsys):
     last = open(os.path.join(run, "last.pt"), "rb").read()
     capsys.readouterr()
     best = os.path.join(run, "best_on_val.pt")
-    assert "--run NEW_DIR" in _one_error_line(capsys, ppap.main(["--resume", best, "--max-steps", "6"]))
+    assert "--run-dir NEW_DIR" in _one_error_line(capsys, ppap.main(["--resume", best, "--max-steps", "6"]))
+    # naming the run's own directory does not get around it: its newer last.pt and log are never rewound
+    log = open(os.path.join(run, "log.jsonl")).read()
+    assert "would overwrite" in _one_error_line(capsys, ppap.main(["--resume", best, "--max-steps", "6",
+                                                                   "--run-dir", run]))
+    assert open(os.path.join(run, "last.pt"), "rb").read() == last and open(os.path.join(run, "log.jsonl")).read() == log
     assert ppap.main(["--resume", best, "--max-steps", "6", "--run", fork, "--no-progress"]) == 0
     assert open(os.path.join(run, "last.pt"), "rb").read() == last
     assert torch.load(os.path.join(fork, "last.pt"), weights_only=True)["step"] == 6
@@ -379,7 +385,7 @@ def test_ctrl_c_saves_the_finished_steps_and_resume_is_exact(tmp_path, capsys, m
     capsys.readouterr()
     assert ppap.main(args + ["--run", cut]) == 130
     err = capsys.readouterr().err.strip()
-    assert "interrupted at step 3" in err and "holds step 3" in err
+    assert "stopped by SIGINT at step 3" in err and "holds step 3" in err
     assert f"--resume '{cut}'" in err                                   # quoted: the path has a space
     monkeypatch.setattr(ppap, "train_step", real)
     assert ppap.main(["--resume", cut, "--no-progress"]) == 0
@@ -406,7 +412,7 @@ def test_a_diverging_run_stops_with_one_line_and_no_nonfinite_checkpoint(tmp_pat
     if os.path.exists(os.path.join(run, "last.pt")):
         ck = torch.load(os.path.join(run, "last.pt"), weights_only=True)
         assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-        assert f"keeps step {ck['step']}" in msg
+        assert f"holds step {ck['step']}" in msg
 
 
 def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
@@ -434,6 +440,95 @@ def test_a_corrupt_checkpoint_on_resume_is_one_line(tmp_path, capsys):
     run.mkdir()
     (run / "last.pt").write_bytes(b"PK\x03\x04 truncated")
     assert "cannot read checkpoint" in _one_error_line(capsys, ppap.main(["--resume", str(run)]))
+
+
+def test_an_empty_resume_is_refused_not_a_fresh_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)                    # an unset variable in a requeue script: --resume ""
+    assert "--resume needs a run directory" in _one_error_line(capsys, ppap.main(["--resume", ""]))
+    assert "--resume needs a run directory" in _one_error_line(capsys, ppap.main(["--resume", "  "]))
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def _tamper(run, dest, change):
+    ck = torch.load(os.path.join(run, "last.pt"), weights_only=True)
+    change(ck)
+    os.makedirs(dest, exist_ok=True)
+    torch.save(ck, os.path.join(dest, "last.pt"))
+    return dest
+
+
+@pytest.mark.parametrize("name,change,says", [
+    ("shape", lambda ck: ck["model"].__setitem__("head.attn.qkv.weight", torch.zeros(3, 3)), "does not fit"),
+    ("config-list", lambda ck: ck.__setitem__("config", [1, 2]), "'config' is [1, 2]"),
+    ("no-cluster-optim", lambda ck: ck["optim"].pop("cluster"), "'optim'"),
+    ("rng-float", lambda ck: ck["rng"].__setitem__("step", torch.zeros(5)), "'rng'"),
+    ("batch-str", lambda ck: ck["config"].__setitem__("batch_size", "4"), "config 'batch_size' is '4'"),
+    ("adam-shape", lambda ck: ck["optim"]["net"]["state"][0].__setitem__("exp_avg", torch.zeros(2)),
+     "optimiser 'net' does not fit"),
+    ("n-classes", lambda ck: ck.__setitem__("n_classes", "six"), "'n_classes' is 'six'"),
+    ("n-classes-tensor", lambda ck: ck.__setitem__("n_classes", torch.tensor([6, 6])), "'n_classes' is a tensor"),
+    ("nan-head", lambda ck: ck["model"]["head.mlp.fc1.weight"].fill_(float("nan")), "non-finite weights"),
+    ("step-neg", lambda ck: ck.__setitem__("step", -3), "'step' is -3"),
+], ids=lambda v: v if isinstance(v, str) and " " not in v and "'" not in v else None)
+def test_a_malformed_checkpoint_is_one_line_naming_the_field(name, change, says, tmp_path, capsys):
+    """weights_only checkpoints load as data: one that does not fit what save_checkpoint writes is refused with
+    one line naming the field, on --resume and in eval.py, never a traceback."""
+    import eval as ev
+    run = str(tmp_path / "r")
+    assert ppap.main(S + ["--max-steps", "2", "--run", run]) == 0
+    bad = _tamper(run, str(tmp_path / name), change)
+    capsys.readouterr()
+    assert says in _one_error_line(capsys, ppap.main(["--resume", bad, "--no-progress"]))
+    if name not in ("no-cluster-optim", "rng-float", "adam-shape", "step-neg"):     # eval needs no optimiser
+        assert says in _one_error_line(capsys, ev.main(["--run", bad, "--device", "cpu", "--num-workers", "0"]))
+        if name == "nan-head":
+            assert says in _one_error_line(capsys, ev.main(["--run", bad, "--crf", "--num-workers", "0"]))
+
+
+def test_setup_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    assert "--seed must be below 2^32" in _one_error_line(capsys, ppap.main(S + ["--seed", "4294967296"]))
+    # an empty val list: refused before the first step, not a KeyError after the last
+    folder = tmp_path / "own"
+    for split in ("train", "val"):
+        (folder / "imgs" / split).mkdir(parents=True)
+    from PIL import Image
+    for i in range(4):
+        Image.new("RGB", (60, 60), (i * 40, 90, 20)).save(folder / "imgs" / "train" / f"{i}.png")
+    (folder / "classes.txt").write_text("a\nb\n")
+    msg = _one_error_line(capsys, ppap.main(["--data", "folder", "--data-dir", str(folder), "--arch", "vit_tiny_demo",
+                                             "--batch-size", "4", "--img-size", "56", "--group", "196",
+                                             "--trainpatchsplit", "4", "--num-workers", "0", "--run", str(tmp_path / "e")]))
+    assert "holds no images" in msg
+    # a full disk when --resume rewrites the log: one line, nothing lost
+    run = str(tmp_path / "r")
+    assert ppap.main(S + ["--run", run]) == 0
+    before = open(os.path.join(run, "log.jsonl")).read()
+    real = ppap.atomic_write
+
+    def full(path, write):
+        if path.endswith("log.jsonl"):
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+    monkeypatch.setattr(ppap, "atomic_write", full)
+    msg = _one_error_line(capsys, ppap.main(["--resume", run, "--max-steps", "6", "--no-progress"]))
+    assert "cannot write" in msg and "log.jsonl" in msg and "disk full" in msg
+    assert open(os.path.join(run, "log.jsonl")).read() == before
+
+
+def test_empty_or_cut_short_weights_are_one_line(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    msg = _one_error_line(capsys, ppap.main(S + ["--weights", str(empty), "--run", str(tmp_path / "a")]))
+    assert f"cannot read weights {empty}" in msg
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    url = ppap.BACKBONES["vit_small"].weights[16]
+    cut = hub / "checkpoints" / os.path.basename(url)
+    cut.parent.mkdir(parents=True)
+    cut.write_bytes(b"PK\x03\x04" + b"\0" * 100)                 # an aborted download in the hub cache
+    msg = _one_error_line(capsys, ppap.main(S + ["--arch", "vit_small", "--patch", "16", "--img-size", "64", "--group", "64",
+                                                 "--val-size", "64", "--run", str(tmp_path / "b")]))
+    assert f"cannot read weights {cut}" in msg and "a download cut short? delete it and run: bash download.sh weights" in msg
 
 
 def test_an_unwritable_run_directory_is_refused_before_training(tmp_path, capsys):
@@ -464,7 +559,10 @@ def test_dataloader_worker_errors_are_one_line_naming_the_file(tmp_path, capsys)
     bad = data / "cocostuff" / "images" / "val2017" / f"{ids['val2017'][0]}.jpg"
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     msg = _one_error_line(capsys, ppap.main(T + ["--run", str(tmp_path / "run")]))
-    assert msg == f"error: cannot read {bad}: cannot identify image file"
+    assert msg.startswith(f"error: cannot read {bad}: cannot identify image file — delete it, then run: bash "
+                          f"download.sh cocostuff {data} (it restores missing files)")
+    assert msg.endswith(f"(stopped at step 1: {tmp_path / 'run' / 'last.pt'} holds step 1; continue with: python "
+                        f"ppap.py --resume {tmp_path / 'run'})")
 
 
 def test_fresh_torch_home_gets_its_checkpoints_folder(tmp_path, monkeypatch):
