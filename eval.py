@@ -820,18 +820,26 @@ def plot_knn(dataset, indices, path, n_queries: int = 6, k: int = 5, tile: int =
 # implementation) for anchors drawn as in training (its anchors(), from a seeded generator) and count, at every step t = 0..T, how many positives,
 # ambiguous samples and negatives an anchor gets and how many of them share its ground-truth label.
 
-PATCH_LABEL_RULE = ("patch (i, j) covers the val crop's pixels [i*p, (i+1)*p) x [j*p, (j+1)*p) (the pixels the "
-                    "ViT embeds into token (i, j); the val crop is not resized again); its label is the class of "
-                    "more than half of those p*p pixels, else -1 (mixed or mostly unlabelled, left out of every "
-                    "purity)")
+PATCH_LABEL_RULE = ("patch (i, j) covers the pixels [i*p, (i+1)*p) x [j*p, (j+1)*p) of the image the ViT embeds: "
+                    "the val crop itself, or, where a side is not a multiple of p, the crop resized to the nearest "
+                    "multiple (ppap.fit_to_patch: 320 -> 322 px at p = 14), the labels then resized alike "
+                    "(each pixel takes the label under its centre); its label is the class of more "
+                    "than half of those p*p pixels, else -1 (mixed or mostly unlabelled, left out of every purity)")
 
 
 def patch_labels(label: torch.Tensor, patch: int, n_classes: int) -> torch.Tensor:
-    """[B,H,W] pixel labels (-1 or >= n_classes: unlabelled) -> [B,H/p,W/p] patch labels by PATCH_LABEL_RULE:
-    the class holding more than half of the patch's p*p pixels, else -1."""
+    """[B,H,W] pixel labels (-1 or >= n_classes: unlabelled) -> [B,h,w] patch labels by PATCH_LABEL_RULE on the
+    grid the backbone sees (h = ppap.patch_grid(H, patch), for any patch and size): the class holding more than
+    half of the patch's p*p pixels, else -1."""
     B, H, W = label.shape
-    h, w = H // patch, W // patch
-    x = label[:, :h * patch, :w * patch].reshape(B, h, patch, w, patch).permute(0, 1, 3, 2, 4)
+    h, w = ppap.patch_grid(H, patch), ppap.patch_grid(W, patch)
+    if (h * patch, w * patch) != (H, W):
+        # the labels follow the image to the size the ViT sees (fit_to_patch): each pixel takes the label under
+        # its centre, the source pixel floor((y + 1/2) * H / (h p)), in integers
+        rows = (2 * torch.arange(h * patch, device=label.device) + 1) * H // (2 * h * patch)
+        cols = (2 * torch.arange(w * patch, device=label.device) + 1) * W // (2 * w * patch)
+        label = label[:, rows][:, :, cols]
+    x = label.reshape(B, h, patch, w, patch).permute(0, 1, 3, 2, 4)
     x = x.reshape(B * h * w, patch * patch).long()
     x = torch.where((x >= 0) & (x < n_classes), x, n_classes)             # one bin for unlabelled pixels
     key = torch.arange(B * h * w, device=x.device)[:, None] * (n_classes + 1) + x
@@ -1044,7 +1052,8 @@ def plot_propagation(fig: dict, class_names, path: str, tile: int = 120) -> str:
         x += 22 + _text_size(d, label, font)[0]
     labels_all, hw = fig["labels_all"], h * w
     Hi, Wi = images.shape[1:3]
-    up = lambda a: np.repeat(np.repeat(a, Hi // h, 0), Wi // w, 1)       # patch grid -> pixels
+    # patch grid -> pixels: the patch under each pixel's centre (y // p when Hi = h * p; 320 px on 23 patches too)
+    up = lambda a: a[(2 * np.arange(Hi) + 1) * h // (2 * Hi)][:, (2 * np.arange(Wi) + 1) * w // (2 * Wi)]
     for ai, r in enumerate(fig["anchors"]):
         y0 = head + ai * (2 * (tile + pad) + 10)
         lab = int(labels_all[r])
@@ -1114,7 +1123,7 @@ def _propagation_cli(args) -> int:
     t0 = time.time()
     device = ppap.pick_device(args.device)
     model, cfg, info, loader, names = _target_and_data(args)
-    per_batch = min(args.batch_size, len(loader.dataset)) * (cfg.val_size // cfg.patch) ** 2
+    per_batch = min(args.batch_size, len(loader.dataset)) * ppap.patch_grid(cfg.val_size, cfg.patch) ** 2
     if per_batch < cfg.group:                      # before any forward pass
         raise PPAPError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
                         f"fewer than one anchor group ({cfg.group}); raise --batch-size (or --limit)")
