@@ -166,13 +166,41 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def preset_for(data: str, arch: str, patch: int) -> dict:
-    """The PRESETS row of (data, arch, patch). A dataset may take another's rows (DATASETS[data].presets), a
-    backbone another's at patch 8 (DINOv2: the DINO ViT of its width); otherwise the dataset's default row."""
+def preset_key(data: str, arch: str, patch: int) -> tuple | None:
+    """The PRESETS row that (data, arch, patch) takes: its own; a dataset may take another's rows
+    (DATASETS[data].presets), a backbone another's at patch 8 (DINOv2: the DINO ViT of its width); otherwise
+    the dataset's default row (None: no row, the Config defaults)."""
     data = DATASETS[data].presets or data
     borrowed = BACKBONES[arch].presets if arch in BACKBONES else ""
-    default = PRESETS.get((data, *DATASETS[data].backbone), {})
-    return PRESETS.get((data, arch, patch)) or PRESETS.get((data, borrowed, 8)) or default
+    for key in ((data, arch, patch), (data, borrowed, 8), (data, *DATASETS[data].backbone)):
+        if key in PRESETS:
+            return key
+    return None
+
+
+def preset_for(data: str, arch: str, patch: int) -> dict:
+    """The values of (data, arch, patch)'s PRESETS row (preset_key)."""
+    key = preset_key(data, arch, patch)
+    return PRESETS[key] if key else {}
+
+
+def threshold_note(cfg: Config) -> str | None:
+    """One line when the run's Phi_0/Psi_0 come from a PRESETS row that is not its own (a borrowing backbone or
+    dataset, or a combination without a row) and were not set by hand: absolute cosine thresholds tuned on
+    one backbone's features need not fit another's. It names the sweep that checks them (eval.py --sweep)."""
+    key = preset_key(cfg.data, cfg.arch, cfg.patch)
+    if key == (cfg.data, cfg.arch, cfg.patch):
+        return None
+    row = PRESETS.get(key, {})
+    if (cfg.phi0, cfg.psi0) != (row.get("phi0", Config.phi0), row.get("psi0", Config.psi0)):
+        return None                                 # chosen for this run
+    source = f"{key[1]}/{key[2]} on {key[0]}" if key else "the defaults (vit_small/8 on cocostuff)"
+    sweep = ["python", "eval.py", "--propagation", "--sweep", "--data", cfg.data, "--arch", cfg.arch, "--patch",
+             str(cfg.patch)] + (["--weights", cfg.weights] if cfg.weights else []) + \
+        (["--data-dir", cfg.data_dir] if cfg.data_dir != Config.data_dir else [])
+    return (f"note: --phi0 {cfg.phi0} / --psi0 {cfg.psi0} were tuned for {source}, not for {cfg.arch}/{cfg.patch} "
+            f"on {cfg.data}; check them on these features before trusting the run: {shlex.join(sweep)} "
+            f"(README: Choosing Phi0 and Psi0)")
 
 
 def make_config(overrides: dict) -> Config:
@@ -955,6 +983,9 @@ def start_run(cfg: Config, ckpt: dict | None, device: torch.device) -> Run:
     print(f"git {git_commit()} | torch {torch.__version__} | device {device}")
     for k, v in asdict(cfg).items():
         print(f"  {k:18s} {v}")
+    note = threshold_note(cfg)
+    if note:
+        print(note)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
