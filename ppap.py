@@ -1634,6 +1634,9 @@ POTSDAM3_FINE_TO_COARSE = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
 IMAGENET_S_IGNORE = 1000       # mask value R + 256*G; 0 = background/other, 1..K classes
 FIVE_CROP_RATIO = 0.5
 _FIVE_CROP_VERSION = 2          # 1: JPEG quality 95, 4:4:4 (before the authors' encoding became the default)
+# Version 2 caches built while crops still carried a source's JPEG comment segment are kept: they differ from a
+# new build by that segment alone, never by a decoded pixel, so training on them is identical; a rebuild (hours
+# for COCO-Stuff) would buy nothing but the bytes. Delete the folder to get byte-identical files.
 
 
 def _lut(mapping, size=256):
@@ -1855,7 +1858,9 @@ def _five_crop_one(task):
     jpeg = dict(quality=quality, subsampling=0) if quality else {}
     stored = Image.fromarray((lab + 1).clip(0, 255).astype(np.uint8))     # mode L
     for (ip, lp), box in zip(names, five_crop_boxes(img.width, img.height)):
-        atomic_write(ip, lambda p, c=img.crop(box): c.save(p, format="JPEG", **jpeg))
+        # pixels only, as the authors' script saves Image.fromarray(array): img.crop keeps the source's info,
+        # and Pillow writes its JPEG comment back into every crop
+        atomic_write(ip, lambda p, c=Image.fromarray(np.asarray(img.crop(box))): c.save(p, format="JPEG", **jpeg))
         atomic_write(lp, lambda p, c=stored.crop(box): c.save(p, format="PNG"))
     return i
 

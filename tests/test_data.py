@@ -593,6 +593,24 @@ def test_five_crop_jpegs_use_pillows_default_encoding_and_old_caches_are_rebuilt
     assert sampling == 0 and tables != default_tables                    # 4:4:4, other tables
 
 
+def test_five_crop_jpegs_do_not_inherit_the_sources_jpeg_comment(tmp_path):
+    """The authors' crop script saves Image.fromarray(crop array): no metadata. A source JPEG with a comment
+    segment (COM) gives crops with the bytes of its pixels alone, not the comment Pillow would carry over."""
+    ids = make_coco(tmp_path, n_train=1)
+    src = tmp_path / 'cocostuff' / 'images' / 'train2017' / f"{ids['train2017'][0]}.jpg"
+    rgb = Image.open(src).convert('RGB')
+    rgb.save(src, format='JPEG', quality=90, comment=b'a camera wrote this')
+    assert Image.open(src).info['comment'] == b'a camera wrote this'
+    pairs = D.cocostuff_pairs(str(tmp_path), 'train')
+    out = D.build_five_crop('cocostuff', D.read_cocostuff, pairs, str(tmp_path), workers=1, progress=False)
+    decoded = Image.open(src).convert('RGB')
+    for k, box in enumerate(D.five_crop_boxes(decoded.width, decoded.height)):
+        data = open(os.path.join(out, 'img', 'train', f'{k}.jpg'), 'rb').read()
+        ref = io.BytesIO()
+        Image.fromarray(np.asarray(decoded)[box[1]:box[3], box[0]:box[2]]).save(ref, format='JPEG')
+        assert b'a camera wrote this' not in data and data == ref.getvalue()
+
+
 # ---------------------------------------------------------------- the unhappy path
 
 def test_a_val_label_of_the_wrong_size_is_an_error(tmp_path):
