@@ -876,7 +876,10 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, criterion, gener
         linear_sum, n_labelled, clusters = probe_losses(out, label, core.n_classes)
     linear = linear_sum / all_sum(n_labelled.float()).clamp(min=1)
     clusters = clusters / world_size()
-    objective, shares, loss_stats = linear + clusters.sum(), {"linear": linear, "cluster": clusters}, {}
+    # what is logged (and averaged for --cluster-probes) is the cluster loss's mean taken in fp32: under autocast
+    # the loss itself is rounded to fp16/bf16. The objective keeps the loss as it is (the same gradient).
+    logged_clusters = torch.stack([ClusterProbe.loss(s.detach().float()) for s in out["cluster_scores"]]) / world_size()
+    objective, shares, loss_stats = linear + clusters.sum(), {"linear": linear, "cluster": logged_clusters}, {}
     if cfg.ppap_weight:    # weight 0 is the baseline: no gradient reaches head/projection
         crit = out["crit"]
         f = crit.permute(0, 2, 3, 1).reshape(-1, crit.shape[1]).detach()
