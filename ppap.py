@@ -1883,8 +1883,35 @@ def _sources_digest(pairs):
 
 
 def five_crop_dir(data_dir, name, ratio=FIVE_CROP_RATIO, quality=0):
-    """The authors' folder name; a non-default JPEG quality gets a folder of its own."""
+    """Our cache: <data_dir>/cropped/<name>_five_crop_<ratio>; a non-default JPEG quality gets a folder of its
+    own. (The authors' crop script writes elsewhere and under another name: authors_five_crop_dir.)"""
     return os.path.join(data_dir, "cropped", f"{name}_five_crop_{ratio}" + (f"_q{quality}" if quality else ""))
+
+
+# The dataset name in the folder of the authors' crop script (their json's "data_type"), for the datasets whose
+# crops they number in our order (COCO-Stuff: the curated train list; Cityscapes: their loader's file order is
+# the filesystem's, so its crops are not ours, index for index).
+_AUTHORS_CROP_NAME = {"cocostuff": "cocostuff27"}
+
+
+def authors_five_crop_dir(data_dir, name, n_sources, ratio=FIVE_CROP_RATIO) -> str | None:
+    """A five-crop set built by the authors' crop script, where their configs' data_path (the dataset's own
+    root) puts it: <data_dir>/<name>/cropped/<their name>_five_crop_<ratio>/{img,label}/train/<5i+k>.{jpg,png}
+    (STEGO's layout; labels stored as label + 1). -> its folder when it holds exactly the 5 * n_sources crops of
+    our source list, else None. Its pixels are those of our own crops (the source's pixels cropped, Pillow's
+    default JPEG encoding, no metadata)."""
+    if name not in _AUTHORS_CROP_NAME:
+        return None
+    root = os.path.join(data_dir, name, "cropped", f"{_AUTHORS_CROP_NAME[name]}_five_crop_{ratio}")
+    n = 5 * n_sources
+    for sub, ext in (("img", ".jpg"), ("label", ".png")):
+        try:
+            found = {e.name for e in os.scandir(os.path.join(root, sub, "train")) if e.name.endswith(ext)}
+        except OSError:
+            return None
+        if len(found) != n or not all(f"{j}{ext}" in found for j in range(n)):
+            return None
+    return root
 
 
 def _read_json(path):
@@ -1968,7 +1995,14 @@ def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quali
 
 
 def five_crop_dataset(name, read, pairs, data_dir, size, class_names, workers=0, progress=True, quality=0):
-    out = build_five_crop(name, read, pairs, data_dir, workers=workers, progress=progress, quality=quality)
+    """The five-crop training set: the authors' own crop set when it is there (and the default encoding is
+    asked for), else our cache, built on first use."""
+    out = authors_five_crop_dir(data_dir, name, len(pairs)) if not quality else None
+    if out is not None:
+        print(f"five-crop: using the authors' crop set {out} ({5 * len(pairs)} crops, built by their crop script; "
+              f"the same pixels as our own crops would have)")
+    else:
+        out = build_five_crop(name, read, pairs, data_dir, workers=workers, progress=progress, quality=quality)
     crops = [(os.path.join(out, "img", "train", f"{j}.jpg"),
               os.path.join(out, "label", "train", f"{j}.png")) for j in range(5 * len(pairs))]
     return RealSegDataset(name, read_five_crop, crops, size, class_names, data_dir)
