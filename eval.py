@@ -15,8 +15,9 @@ Command line
     python eval.py --summarize runs/a runs/b runs/c [--out DIR]
     python eval.py --propagation --run runs/x [--limit N] [--batch-size B] [--anchors-seed 0] [--trained-features z]
     python eval.py --propagation --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [...]
-    python eval.py --propagation --sweep --data cocostuff --arch dinov2_vits14 [--weights FILE] [--phi0-grid 0.3:0.95:0.05]
-                   [--gap 0.35] [--per-class] [--size 320] [--limit N] [--batch-size B]   (or --run / --official)
+    python eval.py --propagation --sweep --data cocostuff --arch dinov2_vits14 [--weights FILE] [--per-class]
+                   [--phi0-grid 0.3:0.95:0.05] [--gap 0.35] [--size 320] [--limit N] [--batch-size B]
+    python eval.py --propagation --sweep --run runs/x        (or --official ckpt.pth --data ... --arch ... --patch ...)
     python eval.py --audit [--checkpoints DIR] [--data-dir DIR] [--crf] [--out DIR] [--limit N] [--device ...]
     python eval.py --knn --data synthetic [--k 7] [--split train]
 

@@ -85,9 +85,10 @@ def main(argv=None) -> int:
     ta, tb = trained_tensors(fused), trained_tensors(explicit)
     diffs = {k: (ta[k].float() - tb[k].float()).abs().max().item() for k in ta}
     worst = max(diffs, key=diffs.get)
+    part = lambda prefix: max(v for k, v in diffs.items() if k.startswith(prefix))      # noqa: E731
     print(f"  training  after {args.steps} steps (batch {cfg.batch_size}, {cfg.img_size} px): max |diff| over the "
-          f"{len(diffs)} trained tensors {diffs[worst]:.2e} ({worst}); head {max(v for k, v in diffs.items() if k.startswith('head.')):.2e}, "
-          f"projection {max(v for k, v in diffs.items() if k.startswith('proj.')):.2e}")
+          f"{len(diffs)} trained tensors {diffs[worst]:.2e} ({worst}); head {part('head.'):.2e}, "
+          f"projection {part('proj.'):.2e}")
 
     loader = [{"img": img.cpu(), "label": torch.stack([it["label"] for it in val_items])}]
     ra, rb = (ppap.evaluate(m, loader, device, n_examples=args.val_images, progress=False) for m in (fused, explicit))

@@ -83,7 +83,8 @@ def test_sweep_counts_equal_brute_force_per_row_and_per_class(no_ambiguity):
 
 
 def test_grid_flags_and_the_preset_row():
-    assert ev.float_list("0.3:0.95:0.05") == [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    assert ev.float_list("0.3:0.95:0.05") == [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9,
+                                              0.95]
     assert ev.float_list("0.6,0.5,0.5") == [0.5, 0.6] and ev.float_list("0.35") == [0.35]
     for bad in ("a,b", "0.3:0.9:0", "nan", ""):
         with pytest.raises(Exception, match="expected|step"):
@@ -222,7 +223,8 @@ def test_the_threshold_note_follows_the_registries(monkeypatch):
     assert "vit_base/8 on potsdam" in note("--data", "potsdam", "--arch", "vit_small")
     assert note("--data", "cocostuff", "--arch", "dinov2_vits14", "--phi0", "0.9") is None   # chosen for this run
     # a dataset that borrows another's rows, as the coming `--data folder` takes COCO-Stuff's
-    monkeypatch.setitem(ppap.DATASETS, "borrowing", dataclasses.replace(ppap.DATASETS["cocostuff"], presets="cocostuff"))
+    borrowing = dataclasses.replace(ppap.DATASETS["cocostuff"], presets="cocostuff")
+    monkeypatch.setitem(ppap.DATASETS, "borrowing", borrowing)
     assert "not for vit_small/8 on borrowing" in note("--data", "borrowing")
 
 
