@@ -167,13 +167,43 @@ def test_the_preset_row_is_the_propagation_reports_criterion(short_run, tmp_path
         assert preset["sums"][k] == pytest.approx(report[k], abs=1e-6), k
 
 
+def test_sweep_of_an_authors_checkpoint_uses_its_backbone_and_the_preset(tmp_path, capsys):
+    from test_eval import _authors_format, _random_model
+    path = tmp_path / "authors.pth"
+    model = _random_model("vit_tiny_demo", 6, seed=12)
+    with torch.no_grad():                                  # a backbone of its own, not the demo's fixed init
+        for p in model.backbone.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    torch.save(_authors_format(model), path)
+    out = tmp_path / "s"
+    assert ev.main(["--propagation", "--sweep", "--official", str(path), "--arch", "vit_tiny_demo", "--data",
+                    "synthetic", "--limit", "4", "--batch-size", "4", "--phi0-grid", "0.8", "--device", "cpu",
+                    "--num-workers", "0", "--out", str(out)]) == 0
+    capsys.readouterr()
+    doc = json.loads((out / "sweep.json").read_text())
+    assert doc["kind"] == "official" and doc["weights"] == f"from {path}" and doc["preset"]["own_row"]
+    assert doc["thresholds_from"] == "the preset row ('synthetic', 'vit_tiny_demo', 8) (ppap.PRESETS)"
+    assert [(r["phi0"], r["preset"]) for r in doc["rows"]] == [(0.75, True), (0.8, False)]
+    # the checkpoint's backbone, not a freshly built one: its criterion features give these counts
+    model = ev.load_official(str(path), "vit_tiny_demo", 8)
+    cfg = ppap.make_config({"data": "synthetic"})
+    items = [ppap.SyntheticDataset("val", 112)[i] for i in range(4)]
+    f, _ = ev.criterion_rows(model.backbone, torch.stack([it["img"] for it in items]), "cpu")
+    rows = ppap.build_loss(cfg).anchors(f.shape[0], torch.Generator().manual_seed(0)).reshape(-1)
+    labels = ev.patch_labels(torch.stack([it["label"] for it in items]), 8, 6).reshape(-1)
+    want = ev.propagation_sums(f, labels, rows, ppap.build_loss(cfg))
+    assert doc["rows"][0]["sums"]["pos"] == want["pos"].tolist()
+    fresh, _ = ev.criterion_rows(ppap.vit_tiny_demo(8), torch.stack([it["img"] for it in items]), "cpu")
+    assert ev.propagation_sums(fresh, labels, rows, ppap.build_loss(cfg))["pos"].tolist() != want["pos"].tolist()
+
+
 def test_label_free_columns_without_labels():
     """Val data without labels: the set sizes are measured all the same (they do not depend on labels), every
     purity is None and the table shows a dash."""
     cfg = ppap.make_config({"data": "synthetic", "num_workers": 0})
     backbone = ppap.build_backbone(cfg)
     ds = ppap.SyntheticDataset("val", cfg.val_size)
-    items = [ds[i] for i in range(8)]
+    items = [ds[i] for i in range(4)]
     labelled = torch.utils.data.DataLoader(items, batch_size=4)
     unlabelled = torch.utils.data.DataLoader([{**it, "label": torch.full_like(it["label"], -1)} for it in items],
                                              batch_size=4)
