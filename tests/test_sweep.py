@@ -193,6 +193,10 @@ def test_sweep_of_an_authors_checkpoint_uses_its_backbone_and_the_preset(tmp_pat
     labels = ev.patch_labels(torch.stack([it["label"] for it in items]), 8, 6).reshape(-1)
     want = ev.propagation_sums(f, labels, rows, ppap.build_loss(cfg))
     assert doc["rows"][0]["sums"]["pos"] == want["pos"].tolist()
+    # each row is the loss with that row's Phi0 and Psi0 (0.8 and 0.8 - 0.4), on the same features and anchors
+    swept = ev.propagation_sums(f, labels, rows, ppap.build_loss(dataclasses.replace(cfg, phi0=0.8, psi0=0.4)))
+    for k in ev.PROP_SUMS:
+        assert doc["rows"][1]["sums"][k] == pytest.approx(swept[k].tolist(), abs=1e-9), k
     fresh, _ = ev.criterion_rows(ppap.vit_tiny_demo(8), torch.stack([it["img"] for it in items]), "cpu")
     assert ev.propagation_sums(fresh, labels, rows, ppap.build_loss(cfg))["pos"].tolist() != want["pos"].tolist()
 
