@@ -3,7 +3,8 @@
 ppap.py holds what training needs to validate (confusion matrices, Hungarian scores, the evaluation
 loop); this script adds the dense CRF, the authors' checkpoints, reports, plots, seed summaries, the
 kNN image table, and the audit kit: the released checkpoints against the paper's numbers (--audit), the
-propagation statistics behind the paper's claim (--propagation) and a k-means view of the code (--kmeans).
+propagation statistics behind the paper's claim (--propagation), the Phi_0/Psi_0 threshold sweep on a frozen
+backbone's features before any training (--propagation --sweep) and a k-means view of the code (--kmeans).
 
 Command line
 ------------
@@ -14,6 +15,9 @@ Command line
     python eval.py --summarize runs/a runs/b runs/c [--out DIR]
     python eval.py --propagation --run runs/x [--limit N] [--batch-size B] [--anchors-seed 0] [--trained-features z]
     python eval.py --propagation --official ckpt.pth --data cocostuff --arch vit_small --patch 8 [...]
+    python eval.py --propagation --sweep --data cocostuff --arch dinov2_vits14 [--weights FILE] [--per-class]
+                   [--phi0-grid 0.3:0.95:0.05] [--gap 0.35] [--size 320] [--limit N] [--batch-size B]
+    python eval.py --propagation --sweep --run runs/x        (or --official ckpt.pth --data ... --arch ... --patch ...)
     python eval.py --audit [--checkpoints DIR] [--data-dir DIR] [--crf] [--out DIR] [--limit N] [--device ...]
     python eval.py --knn --data synthetic [--k 7] [--split train]
 
@@ -872,18 +876,26 @@ def plot_knn(dataset, indices, path, n_queries: int = 6, k: int = 5, tile: int =
 # implementation) for anchors drawn as in training (its anchors(), from a seeded generator) and count, at every step t = 0..T, how many positives,
 # ambiguous samples and negatives an anchor gets and how many of them share its ground-truth label.
 
-PATCH_LABEL_RULE = ("patch (i, j) covers the val crop's pixels [i*p, (i+1)*p) x [j*p, (j+1)*p) (the pixels the "
-                    "ViT embeds into token (i, j); the val crop is not resized again); its label is the class of "
-                    "more than half of those p*p pixels, else -1 (mixed or mostly unlabelled, left out of every "
-                    "purity)")
+PATCH_LABEL_RULE = ("patch (i, j) covers the pixels [i*p, (i+1)*p) x [j*p, (j+1)*p) of the image the ViT embeds: "
+                    "the val crop itself, or, where a side is not a multiple of p, the crop resized to the nearest "
+                    "multiple (ppap.fit_to_patch: 320 -> 322 px at p = 14), the labels then resized alike "
+                    "(each pixel takes the label under its centre); its label is the class of more "
+                    "than half of those p*p pixels, else -1 (mixed or mostly unlabelled, left out of every purity)")
 
 
 def patch_labels(label: torch.Tensor, patch: int, n_classes: int) -> torch.Tensor:
-    """[B,H,W] pixel labels (-1 or >= n_classes: unlabelled) -> [B,H/p,W/p] patch labels by PATCH_LABEL_RULE:
-    the class holding more than half of the patch's p*p pixels, else -1."""
+    """[B,H,W] pixel labels (-1 or >= n_classes: unlabelled) -> [B,h,w] patch labels by PATCH_LABEL_RULE on the
+    grid the backbone sees (h = ppap.patch_grid(H, patch), for any patch and size): the class holding more than
+    half of the patch's p*p pixels, else -1."""
     B, H, W = label.shape
-    h, w = H // patch, W // patch
-    x = label[:, :h * patch, :w * patch].reshape(B, h, patch, w, patch).permute(0, 1, 3, 2, 4)
+    h, w = ppap.patch_grid(H, patch), ppap.patch_grid(W, patch)
+    if (h * patch, w * patch) != (H, W):
+        # the labels follow the image to the size the ViT sees (fit_to_patch): each pixel takes the label under
+        # its centre, the source pixel floor((y + 1/2) * H / (h p)), in integers
+        rows = (2 * torch.arange(h * patch, device=label.device) + 1) * H // (2 * h * patch)
+        cols = (2 * torch.arange(w * patch, device=label.device) + 1) * W // (2 * w * patch)
+        label = label[:, rows][:, :, cols]
+    x = label.reshape(B, h, patch, w, patch).permute(0, 1, 3, 2, 4)
     x = x.reshape(B * h * w, patch * patch).long()
     x = torch.where((x >= 0) & (x < n_classes), x, n_classes)             # one bin for unlabelled pixels
     key = torch.arange(B * h * w, device=x.device)[:, None] * (n_classes + 1) + x
@@ -908,22 +920,27 @@ PROP_SUMS = ("anchors", "labelled_anchors", "no_positive", "pos", "pos_labelled"
 
 @torch.no_grad()
 def propagation_sums(f: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, criterion,
-                     chunk_elems: int = 2 ** 24) -> dict:
+                     chunk_elems: int = 2 ** 24, groups: torch.Tensor | None = None) -> dict:
     """f [N,D] features (normalised here, as the loss does), labels [N] patch labels (-1: none), rows [a]
     anchor rows, criterion: the loss (ppap.build_loss) whose propagate() decides the sets -> {name in PROP_SUMS:
-    float64 tensor [T+1]} over the anchors, one entry per step the trace records. Anchors go through the
-    criterion in chunks of about chunk_elems similarities (memory O(chunk))."""
+    float64 tensor [T+1]} over the anchors, one entry per step the trace records. groups [a] (ids 0..G-1):
+    the sums of each group of anchors instead, [G, T+1] (the threshold sweep's per-class view). Anchors go
+    through the criterion in chunks of about chunk_elems similarities (memory O(chunk))."""
     f = F.normalize(f.detach().float(), dim=1)
     labels = labels.to(f.device).long()
+    grouped = groups is not None
+    groups = groups.cpu().long() if grouped else torch.zeros(len(rows), dtype=torch.long)
+    n_groups = int(groups.max()) + 1 if grouped and len(groups) else 1
     sums = None
     has_label = labels >= 0
     per_chunk = max(1, chunk_elems // max(1, f.shape[0]))
     for s in range(0, len(rows), per_chunk):
         r = rows[s:s + per_chunk].to(f.device)
+        group = groups[s:s + per_chunk]
         trace = []
         criterion.propagate(f, r, trace=trace)
         if sums is None:
-            sums = {k: torch.zeros(len(trace), dtype=torch.float64) for k in PROP_SUMS}
+            sums = {k: torch.zeros(n_groups, len(trace), dtype=torch.float64) for k in PROP_SUMS}
         la = labels[r]
         others = ppap.not_anchor(r, f.shape[0])
         labelled = has_label[None, :] & (la >= 0)[:, None] & others              # [a,N]
@@ -931,15 +948,17 @@ def propagation_sums(f: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, 
         for t, st in enumerate(trace):
             pos, neg = st["pos"], st["neg"]
             amb = others & ~pos & ~neg
-            add = {"anchors": len(r), "labelled_anchors": (la >= 0).sum(), "no_positive": (~pos.any(1)).sum(),
-                   "pos": pos.sum(), "pos_labelled": (pos & labelled).sum(), "pos_same": (pos & same).sum(),
-                   "amb": amb.sum(), "amb_labelled": (amb & labelled).sum(), "amb_same": (amb & same).sum(),
-                   "neg": neg.sum(), "neg_labelled": (neg & labelled).sum(),
-                   "neg_diff": (neg & labelled & ~same).sum(), "phi": st["phi"].double().sum(),
-                   "psi": st["psi"].double().sum(), "pairs_labelled": labelled.sum(), "pairs_same": same.sum()}
-            for k, v in add.items():
-                sums[k][t] += float(v)
-    return sums if sums is not None else {k: torch.zeros(0, dtype=torch.float64) for k in PROP_SUMS}
+            per_anchor = {"anchors": torch.ones_like(la), "labelled_anchors": la >= 0, "no_positive": ~pos.any(1),
+                          "pos": pos.sum(1), "pos_labelled": (pos & labelled).sum(1), "pos_same": (pos & same).sum(1),
+                          "amb": amb.sum(1), "amb_labelled": (amb & labelled).sum(1), "amb_same": (amb & same).sum(1),
+                          "neg": neg.sum(1), "neg_labelled": (neg & labelled).sum(1),
+                          "neg_diff": (neg & labelled & ~same).sum(1), "phi": st["phi"][:, 0], "psi": st["psi"][:, 0],
+                          "pairs_labelled": labelled.sum(1), "pairs_same": same.sum(1)}
+            for k, v in per_anchor.items():
+                sums[k][:, t].index_add_(0, group, v.double().cpu())
+    if sums is None:
+        sums = {k: torch.zeros(n_groups, 0, dtype=torch.float64) for k in PROP_SUMS}
+    return sums if grouped else {k: v[0] for k, v in sums.items()}
 
 
 def _pct(num: float, den: float):
@@ -1096,7 +1115,8 @@ def plot_propagation(fig: dict, class_names, path: str, tile: int = 120) -> str:
         x += 22 + _text_size(d, label, font)[0]
     labels_all, hw = fig["labels_all"], h * w
     Hi, Wi = images.shape[1:3]
-    up = lambda a: np.repeat(np.repeat(a, Hi // h, 0), Wi // w, 1)       # patch grid -> pixels
+    # patch grid -> pixels: the patch under each pixel's centre (y // p when Hi = h * p; 320 px on 23 patches too)
+    up = lambda a: a[(2 * np.arange(Hi) + 1) * h // (2 * Hi)][:, (2 * np.arange(Wi) + 1) * w // (2 * Wi)]
     for ai, r in enumerate(fig["anchors"]):
         y0 = head + ai * (2 * (tile + pad) + 10)
         lab = int(labels_all[r])
@@ -1166,7 +1186,7 @@ def _propagation_cli(args) -> int:
     t0 = time.time()
     device = ppap.pick_device(args.device)
     model, cfg, info, loader, names = _target_and_data(args)
-    per_batch = min(args.batch_size, len(loader.dataset)) * (cfg.val_size // cfg.patch) ** 2
+    per_batch = min(args.batch_size, len(loader.dataset)) * ppap.patch_grid(cfg.val_size, cfg.patch) ** 2
     if per_batch < cfg.group:                      # before any forward pass
         raise PPAPError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
                         f"fewer than one anchor group ({cfg.group}); raise --batch-size (or --limit)")
@@ -1195,6 +1215,414 @@ def _propagation_into(tmp, args, t0, device, model, cfg, info, loader, names):
         "torch": torch.__version__, "seconds": round(time.time() - t0, 2)})
     ppap.atomic_write(os.path.join(tmp, "propagation.json"), lambda p: ppap.write_json(p, _nan_to_none(report), indent=1))
     return report, png
+
+
+# ==== THRESHOLD SWEEP: Phi_0 and Psi_0 on the frozen features, before any training ====
+# Phi_0 and Psi_0 are absolute cosine thresholds on the criterion features, and those come from the frozen
+# backbone alone: the positive sets a threshold pair produces, and how pure they are, can be measured before
+# a run, from a weights file, and put next to another backbone's on one scale (the similarity quantiles). The
+# sweep computes each batch's criterion features once, draws its anchors once (the loss's anchors()), and runs
+# the loss's own propagate through propagation_sums for every grid value: ppap.build_loss of the config with
+# the swept Phi_0/Psi_0 substituted, so a fork's rule is swept by its own code.
+
+SWEEP_PHI0 = "0.3:0.95:0.05"      # the default grid of Phi_0 (start:stop:step, stop included)
+SIM_QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+SIM_BINS = 4000                   # the cosine histogram's bins on [-1, 1]: quantiles to within 0.0005
+
+
+def float_list(text: str) -> list[float]:
+    """An argparse type: 'a,b,c' or 'start:stop:step' (stop included) -> finite floats rounded to 4 decimals,
+    sorted, without repeats."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if not step > 0:
+                raise argparse.ArgumentTypeError(f"the step of {text!r} must be positive")
+            values = [start + i * step for i in range(int(math.floor((stop - start) / step + 1e-9)) + 1)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers as a,b,c or start:stop:step, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers as a,b,c or start:stop:step, got {text!r}")
+    return sorted({round(v, 4) for v in values})
+
+
+float_list.__name__ = "list of numbers"
+
+
+def sweep_grid(cfg, phi0s, gaps) -> list[dict]:
+    """The sweep's rows: every (Phi_0, gap) pair of the grid with Psi_0 = Phi_0 - gap, and the config's own pair
+    (marked 'preset', with the values exactly as the config holds them), sorted by gap, then Phi_0."""
+    own = (round(cfg.phi0, 4), round(cfg.phi0 - cfg.psi0, 4))
+    pairs = {(round(g, 4), round(p, 4)) for p in phi0s for g in gaps} | {own[::-1]}
+    return [{"phi0": cfg.phi0 if (p, g) == own else p, "psi0": cfg.psi0 if (p, g) == own else round(p - g, 4),
+             "gap": g, "preset": (p, g) == own} for g, p in sorted(pairs)]
+
+
+def criterion_rows(backbone, img: torch.Tensor, device, amp: torch.dtype | None = None):
+    """Normalised images [B,3,H,W] -> (the criterion features as the loss receives them: [B*h*w, D] rows, image
+    by image, patches row-major, float32, not yet normalised (the loss normalises them); (h, w)). As in
+    PPAP.forward, the image is resized to the patch grid (ppap.fit_to_patch) and the frozen backbone's features
+    are taken, in eval mode: no criterion dropout."""
+    x = ppap.fit_to_patch(img.to(device, non_blocking=True), backbone.patch_size)
+    with torch.no_grad(), ppap.autocast(device, amp):
+        crit = backbone.features(x)[1]
+    crit = crit.float()
+    return crit.permute(0, 2, 3, 1).reshape(-1, crit.shape[1]), tuple(crit.shape[-2:])
+
+
+def similarity_histogram(f: torch.Tensor, rows: torch.Tensor, bins: int = SIM_BINS,
+                         chunk_elems: int = 2 ** 24) -> torch.Tensor:
+    """The cosines between each anchor row and every other row of f (unit rows), counted in `bins` equal bins
+    on [-1, 1] -> float64 [bins]."""
+    hist = torch.zeros(bins, dtype=torch.float64)
+    per_chunk = max(1, chunk_elems // max(1, f.shape[0]))
+    for s in range(0, len(rows), per_chunk):
+        r = rows[s:s + per_chunk]
+        sim = (f[r] @ f.T)[ppap.not_anchor(r, f.shape[0])]
+        hist += torch.histc(sim.clamp(-1, 1), bins=bins, min=-1, max=1).double().cpu()
+    return hist
+
+
+def histogram_quantiles(hist: torch.Tensor, qs=SIM_QUANTILES) -> dict:
+    """Quantiles of the values counted by a histogram of equal bins on [-1, 1], linear within a bin ->
+    {'q50': value, ...} (None for an empty histogram)."""
+    total = float(hist.sum())
+    cdf = hist.cumsum(0).tolist()
+    width = 2.0 / len(hist)
+    out = {}
+    for q in qs:
+        if total <= 0:
+            out[f"q{round(100 * q)}"] = None
+            continue
+        target = q * total
+        i = next(i for i, c in enumerate(cdf) if c >= target)
+        before = cdf[i - 1] if i else 0.0
+        out[f"q{round(100 * q)}"] = -1.0 + width * (i + (target - before) / max(float(hist[i]), 1e-300))
+    return out
+
+
+def sweep_sums(f: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, criteria, per_class: bool = False) -> list:
+    """propagation_sums of each criterion for the same features f (the rows of one batch), patch labels and
+    anchor rows, with 'pos_share', 'amb_share', 'neg_share' added: the set sizes divided by the batch's rows
+    (summed over anchors, as the sizes are). per_class: also the sums of the anchors of each label (-1: the
+    unlabelled ones) -> per criterion {'all': sums, 'by_class': {label: sums}} ('by_class' empty without
+    per_class; 'all' is their sum)."""
+    anchor_labels = labels.to(rows.device)[rows].cpu() if per_class else None
+    out = []
+    for criterion in criteria:
+        if per_class:                             # group g = label + 1: group 0 holds the unlabelled anchors
+            grouped = propagation_sums(f, labels, rows, criterion, groups=anchor_labels + 1)
+            parts = {g - 1: {k: v[g] for k, v in grouped.items()} for g in range(len(grouped["anchors"]))
+                     if grouped["anchors"][g].sum() > 0}
+            total = {k: v.sum(0) for k, v in grouped.items()}
+        else:
+            parts, total = {}, propagation_sums(f, labels, rows, criterion)
+        for sums in (total, *parts.values()):
+            for k in ("pos", "amb", "neg"):
+                sums[f"{k}_share"] = sums[k] / f.shape[0]
+        out.append({"all": total, "by_class": parts})
+    return out
+
+
+def sweep_row(sums: dict) -> dict:
+    """Sweep sums of one grid row (sweep_sums, added over batches) -> its reported values after the last step
+    T, and the positive share at t = 0 (the share of anchor-patch pairs above Phi_0): shares in % of the batch's
+    patches; no_positive in % of anchors; purities in % (None where no member is labelled)."""
+    steps = propagation_summary(sums)["steps"]
+    n = float(sums["anchors"][-1]) if len(sums["anchors"]) else 0.0
+    share = lambda k, t: 100.0 * float(sums[k][t]) / n if n else None
+    first, last = steps[0] if steps else {}, steps[-1] if steps else {}
+    pairs = float(sums["pairs_labelled"][0]) if n else 0.0
+    return {"anchors": int(n), "labelled_anchors": int(sums["labelled_anchors"][-1]) if n else 0,
+            "positive_share_t0": share("pos_share", 0), "positive_share": share("pos_share", -1),
+            "ambiguous_share": share("amb_share", -1), "negative_share": share("neg_share", -1),
+            "no_positive": last.get("no_positive_anchors"), "positives": last.get("positives"),
+            "ambiguous": last.get("ambiguous"), "negatives": last.get("negatives"), "phi_T": last.get("phi"),
+            "psi_T": last.get("psi"), "positive_purity_t0": first.get("positive_purity"),
+            "positive_purity": last.get("positive_purity"), "ambiguous_purity": last.get("ambiguous_purity"),
+            "negative_purity": last.get("negative_purity"),
+            "chance_purity": _pct(float(sums["pairs_same"][0]), pairs) if n else None}
+
+
+@torch.no_grad()
+def threshold_sweep(backbone, loader, device, cfg, grid: list, n_classes: int, *, seed: int = 0,
+                    amp: torch.dtype | None = None, per_class: bool = False, progress: bool = True) -> dict:
+    """The sets every grid row (sweep_grid) gives on the loader's batches, from the frozen backbone's criterion
+    features alone. Each batch is one set of contrast samples, as a training batch is; its anchors are drawn
+    once by the loss's anchors() from one generator seeded `seed` and shared by every row, as are its features.
+    -> {'n_images', 'batches', 'grid', 'patches_per_batch', 'n_anchors', 'n_labelled_anchors',
+    'similarity_quantiles', 'chance_purity', 'rows': grid rows with sweep_row's values and their 'sums',
+    'by_class': {label: [sweep_row per grid row]} (per_class)}."""
+    device = torch.device(device)
+    base = ppap.build_loss(cfg)
+    criteria = [ppap.build_loss(dataclasses.replace(cfg, phi0=r["phi0"], psi0=r["psi0"])) for r in grid]
+    g = torch.Generator().manual_seed(seed)
+    totals, hist = None, torch.zeros(SIM_BINS, dtype=torch.float64)
+    n_images = n_skipped = n_batches = 0
+    patches, hw = [], None
+    backbone.eval()
+    for batch in tqdm(loader, desc="threshold sweep", leave=False, dynamic_ncols=True, disable=not progress):
+        img, label = ppap._unpack_batch(batch)
+        f, hw = criterion_rows(backbone, img, device, amp)
+        rows = base.anchors(f.shape[0], g)
+        if rows.numel() == 0:                     # a short last batch has no full anchor group
+            n_skipped += img.shape[0]
+            continue
+        rows = rows.reshape(-1).to(device)
+        labels = patch_labels(label.to(device).long(), backbone.patch_size, n_classes).reshape(-1)
+        hist += similarity_histogram(F.normalize(f, dim=1), rows)
+        got = sweep_sums(f, labels, rows, criteria, per_class)
+        if totals is None:
+            totals = got
+        else:
+            for tot, new in zip(totals, got):
+                tot["all"] = {k: tot["all"][k] + v for k, v in new["all"].items()}
+                for c, sums in new["by_class"].items():
+                    old = tot["by_class"].get(c)
+                    tot["by_class"][c] = sums if old is None else {k: old[k] + v for k, v in sums.items()}
+        patches.append(f.shape[0])
+        n_images += img.shape[0]
+        n_batches += 1
+    if n_batches == 0:
+        raise PPAPError("no batch has a full anchor group; raise --batch-size")
+    rows_out = [{**r, **sweep_row(t["all"]), "sums": {k: v.tolist() for k, v in t["all"].items()}}
+                for r, t in zip(grid, totals)]
+    report = {"n_images": n_images, "skipped_images": n_skipped, "batches": n_batches, "grid": list(hw),
+              "patches_per_batch": max(patches), "anchors_per_group": cfg.group // cfg.trainpatchsplit,
+              "n_anchors": rows_out[0]["anchors"], "n_labelled_anchors": rows_out[0]["labelled_anchors"],
+              "similarity_quantiles": histogram_quantiles(hist), "chance_purity": rows_out[0]["chance_purity"],
+              "rows": rows_out}
+    if per_class:
+        labels_seen = sorted({c for t in totals for c in t["by_class"]})
+        report["by_class"] = {c: [sweep_row(t["by_class"][c]) if c in t["by_class"] else None for t in totals]
+                              for c in labels_seen}
+    return report
+
+
+def _pct_cell(v, digits: int = 1, unit: str = " %") -> str:
+    return "—" if v is None else f"{v:.{digits}f}{unit}"
+
+
+SWEEP_COLUMNS = (("positive_share_t0", "positives t=0", 2), ("positive_share", "positives t=T", 2),
+                 ("no_positive", "no positive", 1), ("ambiguous_share", "ambiguous t=T", 2),
+                 ("positive_purity", "positive purity", 1), ("ambiguous_purity", "ambiguous purity", 1),
+                 ("negative_purity", "negative purity", 1))
+
+
+def format_sweep(report: dict, class_names=None) -> str:
+    """The sweep as Markdown (printed, and written to sweep.md): what was measured, the similarity quantiles,
+    one table row per grid row (the preset's marked), and with per-class sums the positives' purity and share
+    per class of the anchor."""
+    q = report["similarity_quantiles"]
+    T = report["hyper"]["prop_iter"]
+    lines = [f"# Threshold sweep: {report['backbone']} on {report['data']} val",
+             "",
+             f"Criterion features of the frozen backbone ({report['weights']}; eval mode), {report['n_images']} val "
+             f"images at {report['val_size']} px ({report['grid'][0]}x{report['grid'][1]} patches), in "
+             f"{report['batches']} batch(es) of up to {report['patches_per_batch']} patches; {report['n_anchors']} "
+             f"anchors ({report['n_labelled_anchors']} labelled), drawn as in training (seed "
+             f"{report['anchors_seed']}). The loss's own propagation, T = {T}: "
+             + ", ".join(f"{k} {v}" for k, v in report["hyper"].items() if k not in ("phi0", "psi0")) + ".",
+             f"Thresholds of {report['thresholds_from']}: Phi0 {report['preset']['phi0']}, Psi0 "
+             f"{report['preset']['psi0']} (the row marked **preset**).",
+             "",
+             "Patch-pair cosine quantiles (each anchor against every other patch of its batch): "
+             + " | ".join(f"{k[1:]}% {'—' if v is None else f'{v:.3f}'}" for k, v in q.items()),
+             "",
+             "Shares are % of the batch's patches (positives, ambiguous) or of the anchors (no positive); purity: "
+             "% of the labelled members with the anchor's label (negatives: with another label). Chance purity "
+             f"(a random set): {_pct_cell(report['chance_purity'])}.",
+             "",
+             "| Phi0 | Psi0 | " + " | ".join(c[1] for c in SWEEP_COLUMNS) + " |",
+             "|---" * (2 + len(SWEEP_COLUMNS)) + "|"]
+    for r in report["rows"]:
+        phi = f"**{r['phi0']:g}** preset" if r["preset"] else f"{r['phi0']:g}"
+        lines.append(f"| {phi} | {r['psi0']:g} | " + " | ".join(_pct_cell(r[k], d) for k, _, d in SWEEP_COLUMNS) + " |")
+    if report.get("by_class"):
+        first_gap = report["rows"][0]["gap"]
+        cols = [i for i, r in enumerate(report["rows"]) if r["gap"] == first_gap]
+        lines += ["", f"Per class of the anchor, t = T (gap Phi0 - Psi0 = {first_gap:g}): positive purity, and in "
+                      "brackets the positive share (% of the batch's patches); chance: the class's share of the "
+                      "labelled patches.", "",
+                  "| class | anchors | chance | " + " | ".join(
+                      f"Phi0 {report['rows'][i]['phi0']:g}" + (" (preset)" if report["rows"][i]["preset"] else "")
+                      for i in cols) + " |",
+                  "|---" * (3 + len(cols)) + "|"]
+        for c, per_row in report["by_class"].items():
+            c = int(c)
+            if c < 0:                                 # unlabelled anchors: in the JSON only
+                continue
+            name = class_names[c] if class_names and c < len(class_names) else str(c)
+            first = next(r for r in per_row if r is not None)
+            lines.append(f"| {name} | {first['anchors']} | {_pct_cell(first['chance_purity'])} | " + " | ".join(
+                f"{_pct_cell(per_row[i]['positive_purity'])} ({_pct_cell(per_row[i]['positive_share'], 2, '')})"
+                if per_row[i] is not None else "—" for i in cols) + " |")
+    return "\n".join(lines)
+
+
+_SWEEP_COLOURS = {"positives": (30, 160, 60), "positives t=0": (150, 210, 150), "ambiguous": (230, 150, 0),
+                  "negatives": (40, 90, 220), "no positive": (220, 40, 40), "chance": (130, 130, 130),
+                  "preset": (200, 0, 160)}
+
+
+def plot_sweep(report: dict, path: str, width: int = 820, panel_h: int = 230) -> str:
+    """PNG, two panels against Phi0 (the rows of the first gap): the purities after T steps (positives,
+    ambiguity zone, negatives, and chance as a dashed line) and the shares (positives at t = 0 and at T and
+    the ambiguity zone in % of the batch's patches, anchors without a positive in % of anchors); the preset's
+    Phi0 as a dashed vertical line."""
+    from PIL import Image, ImageDraw
+    gap = report["rows"][0]["gap"]
+    rows = [r for r in report["rows"] if r["gap"] == gap]
+    xs = [r["phi0"] for r in rows]
+    font, tfont = _font(12), _font(14)
+    left, right, top, between, bottom = 60, 190, 46, 56, 44
+    H = top + 2 * panel_h + between + bottom
+    img = Image.new("RGB", (width, H), "white")
+    d = ImageDraw.Draw(img)
+    title = (f"Threshold sweep: {report['backbone']} on {report['data']} val, criterion features, T = "
+             f"{report['hyper']['prop_iter']}, Psi0 = Phi0 - {gap:g}")
+    d.text((left, 8), title, fill="black", font=tfont)
+    x0, x1 = left, width - right
+    lo, hi = min(xs), max(xs)
+    pad = 0.03 * (hi - lo) if hi > lo else 0.05
+    lo, hi = lo - pad, hi + pad
+    X = lambda v: x0 + (v - lo) / (hi - lo) * (x1 - x0)
+    shares = [v for r in rows for v in (r["positive_share_t0"], r["positive_share"], r["ambiguous_share"],
+                                        r["no_positive"]) if v is not None]
+    top_share = max(shares + [1e-9]) * 1.08
+    nice = next(m * 10 ** e for e in range(-4, 4) for m in (1, 2, 2.5, 5) if m * 10 ** e >= top_share)
+    panels = [("purity after T steps (%)", 0.0, 100.0,
+               [("positives", "positive_purity"), ("ambiguous", "ambiguous_purity"), ("negatives", "negative_purity")]),
+              ("share (%): positives and ambiguity zone of the batch's patches (t = T unless marked), anchors "
+               "without a positive", 0.0, nice,
+               [("positives t=0", "positive_share_t0"), ("positives", "positive_share"),
+                ("ambiguous", "ambiguous_share"), ("no positive", "no_positive")])]
+    for k, (name, ylo, yhi, series) in enumerate(panels):
+        y0 = top + k * (panel_h + between)
+        y1 = y0 + panel_h
+        Y = lambda v: y1 - (v - ylo) / (yhi - ylo) * (y1 - y0)
+        d.text((x0, y0 - 18), name, fill="black", font=font)
+        d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
+        for i in range(6):
+            v = ylo + i * (yhi - ylo) / 5
+            d.line([x0, Y(v), x1, Y(v)], fill=(232, 232, 232))
+            label = f"{v:g}"
+            d.text((x0 - 8 - _text_size(d, label, font)[0], Y(v) - 7), label, fill=(60, 60, 60), font=font)
+        step = max(1, math.ceil(len(xs) / 14))
+        for v in xs[::step]:
+            d.line([X(v), y1, X(v), y1 + 4], fill=(60, 60, 60))
+            if k == 1:
+                label = f"{v:g}"
+                d.text((X(v) - _text_size(d, label, font)[0] / 2, y1 + 6), label, fill=(60, 60, 60), font=font)
+        if k == 0 and report["chance_purity"] is not None:
+            c = report["chance_purity"]
+            for xa in range(int(x0), int(x1), 10):
+                d.line([xa, Y(c), min(xa + 5, x1), Y(c)], fill=_SWEEP_COLOURS["chance"], width=2)
+        preset = report["preset"]["phi0"]
+        if lo <= preset <= hi:
+            for ya in range(int(y0), int(y1), 8):
+                d.line([X(preset), ya, X(preset), min(ya + 4, y1)], fill=_SWEEP_COLOURS["preset"], width=2)
+        drawn = 0
+        for label, key in series:
+            pts = [(X(r["phi0"]), Y(min(max(r[key], ylo), yhi))) for r in rows if r[key] is not None]
+            if not pts:
+                continue
+            colour = _SWEEP_COLOURS[label]
+            label = label + (" (% of anchors)" if key == "no_positive" else "")
+            if len(pts) > 1:
+                d.line(pts, fill=colour, width=2)
+            for px, py in pts:
+                d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+            d.rectangle([x1 + 12, y0 + 6 + 18 * drawn, x1 + 24, y0 + 18 + 18 * drawn], fill=colour)
+            d.text((x1 + 30, y0 + 5 + 18 * drawn), label, fill="black", font=font)
+            drawn += 1
+        if k == 0:
+            if drawn == 0:
+                d.text((x0 + 10, y0 + 10), "no labels: purities not measured", fill=(120, 120, 120), font=font)
+            elif report["chance_purity"] is not None:
+                d.line([x1 + 12, y0 + 12 + 18 * drawn, x1 + 24, y0 + 12 + 18 * drawn], fill=_SWEEP_COLOURS["chance"],
+                       width=2)
+                d.text((x1 + 30, y0 + 5 + 18 * drawn), "chance", fill="black", font=font)
+                drawn += 1
+        d.line([x1 + 12, y0 + 12 + 18 * drawn, x1 + 24, y0 + 12 + 18 * drawn], fill=_SWEEP_COLOURS["preset"], width=2)
+        d.text((x1 + 30, y0 + 5 + 18 * drawn), f"preset Phi0 {preset:g}", fill="black", font=font)
+    label = "Phi0 (initial positiveness boundary)"
+    d.text(((x0 + x1 - _text_size(d, label, font)[0]) / 2, H - 20), label, fill="black", font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ppap.atomic_write(path, lambda p: img.save(p, format="PNG"))
+    return path
+
+
+def _sweep_target(args) -> tuple:
+    """--run / --official, or --data/--arch/--patch/--weights alone -> (frozen backbone on the CPU, cfg, info)."""
+    if args.run or args.official:
+        if args.weights:
+            raise PPAPError("--weights is for a sweep without --run/--official (their backbone is in the checkpoint)")
+        model, cfg, info = _load_target(args)
+        return model.backbone, cfg, info
+    if args.data is None:
+        raise PPAPError("--sweep without --run/--official needs --data (and --arch/--patch/--weights, unless the "
+                        "dataset's default backbone with its released weights)")
+    over = {k: v for k, v in (("data", args.data), ("data_dir", args.data_dir), ("arch", args.arch),
+                              ("patch", args.patch), ("weights", args.weights)) if v is not None}
+    cfg = ppap.make_config(over)
+    backbone = ppap.build_backbone(cfg)
+    tag = cfg.arch if len(ppap.BACKBONES[cfg.arch].patches) == 1 else f"{cfg.arch}{cfg.patch}"
+    info = {"kind": "backbone", "checkpoint": cfg.weights or None, "selection": None, "class_names": None,
+            "out": os.path.join("runs", f"{cfg.data}_{tag}"), "stem": ""}
+    return backbone, cfg, info
+
+
+def _sweep_cli(args) -> int:
+    t0 = time.time()
+    device = ppap.pick_device(args.device)
+    backbone, cfg, info = _sweep_target(args)
+    cfg = _eval_cfg(cfg, args)
+    if args.size:
+        cfg = dataclasses.replace(cfg, val_size=args.size)
+    ppap.check_config(cfg)
+    loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
+    per_batch = min(args.batch_size, len(loader.dataset)) * ppap.patch_grid(cfg.val_size, cfg.patch) ** 2
+    if per_batch < cfg.group:                      # before any forward pass
+        raise PPAPError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
+                        f"fewer than one anchor group ({cfg.group}); raise --batch-size (or --limit)")
+    grid = sweep_grid(cfg, args.phi0_grid or float_list(SWEEP_PHI0), args.gap or [cfg.phi0 - cfg.psi0])
+    out_dir = _out_dir(args, info, "sweep", cfg, f"{cfg.val_size}px" if args.size else "")
+    with output_folder(out_dir) as tmp:
+        report, text = _sweep_into(tmp, args, t0, device, backbone, cfg, info, loader, names, n_classes, grid)
+    print(text)
+    print(f"wrote {os.path.join(out_dir, 'sweep.md')}, sweep.json and sweep.png")
+    return 0
+
+
+def _sweep_into(tmp, args, t0, device, backbone, cfg, info, loader, names, n_classes, grid):
+    """_sweep_cli's work, its files written into `tmp` -> (report, its table as text)."""
+    key = ppap.preset_key(cfg.data, cfg.arch, cfg.patch)
+    thresholds_from = "the run's config" if info["kind"] == "run" else \
+        f"the preset row {key} (ppap.PRESETS)" if key else "the Config defaults"
+    report = threshold_sweep(backbone.to(device), loader, device, cfg, grid, n_classes, seed=args.anchors_seed,
+                             amp=ppap.amp_dtype(cfg, device), per_class=args.per_class)
+    weights = {"run": f"from {info['checkpoint']}", "official": f"from {info['checkpoint']}"}.get(
+        info["kind"], f"weights {cfg.weights}" if cfg.weights else
+        "released weights" if ppap.BACKBONES[cfg.arch].weights.get(cfg.patch) else "random init")
+    report.update({
+        "data": cfg.data, "backbone": f"{cfg.arch}/{cfg.patch}", "arch": cfg.arch, "patch": cfg.patch,
+        "weights": weights, "kind": info["kind"], "checkpoint": info["checkpoint"], "val_size": cfg.val_size,
+        "limit": args.limit or None, "batch_size": args.batch_size, "anchors_seed": args.anchors_seed,
+        "hyper": ppap.loss_hyper(cfg), "thresholds_from": thresholds_from,
+        "preset": {"phi0": cfg.phi0, "psi0": cfg.psi0, "row": list(key) if key else None,
+                   "own_row": key == (cfg.data, cfg.arch, cfg.patch), "note": ppap.threshold_note(cfg)},
+        "class_names": names, "patch_label_rule": PATCH_LABEL_RULE,
+        "mode": "eval (no Dropout2d on the criterion features)"})
+    text = format_sweep(report, names)
+    png = plot_sweep(report, os.path.join(tmp, "sweep.png"))
+    report.update({"figure": os.path.basename(png), "git_commit": ppap.git_commit(), "device": str(device),
+                   "torch": torch.__version__, "seconds": round(time.time() - t0, 2)})
+    ppap.atomic_write(os.path.join(tmp, "sweep.md"), lambda p: _write_text(p, text + "\n"))
+    ppap.atomic_write(os.path.join(tmp, "sweep.json"), lambda p: ppap.write_json(p, _nan_to_none(report), indent=1))
+    return report, text
 
 
 # ==== AUDIT: the authors' released checkpoints against the paper ====
@@ -1467,7 +1895,7 @@ def output_folder(out_dir: str):
         raise PPAPError(f"cannot write the report to {out_dir}: it is a file; give a folder")
     if os.path.isdir(out_dir):               # replaced whole: only an earlier report of ours, or nothing
         held = list(os.scandir(out_dir))
-        if held and not (all(e.is_file() for e in held) and {"metrics.json", "propagation.json"} & {e.name for e in held}):
+        if held and not (all(e.is_file() for e in held) and {"metrics.json", "propagation.json", "sweep.json"} & {e.name for e in held}):
             raise PPAPError(f"cannot write the report to {out_dir}: it holds other files than an earlier report, "
                             f"which the report would replace; give a new or empty folder")
     try:
@@ -1622,6 +2050,10 @@ FLAGS = {
                                                         "torchrun, which reads --run as its own --run-path)")),
     "official": (("--official",), dict(help="authors' released checkpoint (.pth)")),
     "propagation": (("--propagation",), dict(action="store_true", required=True, help="this mode")),
+    "sweep": (("--sweep",), dict(action="store_true", required=True, help="this mode: the threshold sweep of the "
+                                 "propagation report")),
+    "of_propagation": (("--propagation",), dict(dest="propagation", action="store_true", help="(optional: "
+                       "`--propagation --sweep` reads as `--sweep`)")),
     "summarize": (("--summarize",), dict(nargs="+", metavar="RUN", required=True, help="runs (or metrics.json "
                                                                                         "files) to summarise")),
     "knn": (("--knn",), dict(action="store_true", required=True, help="this mode")),
@@ -1630,8 +2062,10 @@ FLAGS = {
                                                                 "$PPAP_CHECKPOINTS or ./checkpoints)")),
     "data": (("--data",), dict(default=None, help="data set (default: the run's; cocostuff for --official)")),
     "data_dir": (("--data-dir",), dict(default=None, help="data root (default: the run's / $PPAP_DATA)")),
-    "arch": (("--arch",), dict(default=None, help="backbone for --official/--knn (default vit_small / the dataset's)")),
-    "patch": (("--patch",), dict(type=_count(1), default=None, help="patch size for --official/--knn (default 8)")),
+    "arch": (("--arch",), dict(default=None, help="backbone for --official/--knn/--sweep (default vit_small / the "
+                                                      "dataset's)")),
+    "patch": (("--patch",), dict(type=_count(1), default=None, help="patch size for --official/--knn/--sweep (default "
+                                                                     "8 / the dataset's)")),
     "weights": (("--weights",), dict(default=None, help="backbone weights (default: the released ones)")),
     "k": (("--k",), dict(type=_count(1), default=7, help="neighbours per image")),
     "split": (("--split",), dict(default="train", choices=("train", "val"), help="the split")),
@@ -1662,17 +2096,29 @@ FLAGS = {
                          "feature set reported next to the criterion's")),
     "trust_pickle": (("--trust-pickle",), dict(action="store_true", help="allow arbitrary pickled objects in "
                                                                          "--official checkpoints (trusted files only)")),
+    "phi0_grid": (("--phi0-grid",), dict(type=float_list, default=None, metavar="GRID", help="the Phi0 values: "
+                  f"a,b,c or start:stop:step (default {SWEEP_PHI0}; the config's own Phi0 is always added)")),
+    "gap": (("--gap",), dict(type=float_list, default=None, metavar="GAPS", help="Phi0 - Psi0, one value or a "
+            "list as --phi0-grid (default: the config's, e.g. 0.55 - 0.20 = 0.35 for COCO ViT-S/8)")),
+    "per_class": (("--per-class",), dict(action="store_true", help="also the positives' purity and share per "
+                                                                   "class of the anchor")),
+    "size": (("--size",), dict(type=_count(1), default=None, help="val crop size in px (default: the config's "
+                                                                  "--val-size, 320 on the real presets)")),
 }
 _SCORING = ("device", "batch_size", "limit", "num_workers", "amp")
 _TARGET_DATA = ("data", "data_dir", "arch", "patch", "trust_pickle")
 _CRF_KMEANS = ("crf", "crf_device", "n_examples", "kmeans", "kmeans_restarts", "kmeans_samples", "kmeans_seed")
-# mode -> (what it does, its flags; "target" = exactly one of --run/--official)
+# mode -> (what it does, its flags; "target" = exactly one of --run/--official, "target?" = at most one)
 MODES = {
     "evaluate": ("score a run (--run) or an authors' checkpoint (--official) on its val set: metrics.json, "
                  "confusion matrices, examples.png", ("target", *_TARGET_DATA, *_SCORING, *_CRF_KMEANS, "out")),
     "propagation": ("with --run/--official: proxy anchor propagation statistics per step t = 0..T on labelled val "
-                    "images (propagation.json + .png)", ("propagation", "target", *_TARGET_DATA, *_SCORING,
+                    "images (propagation.json + .png); with --sweep: the threshold sweep", ("propagation", "target", *_TARGET_DATA, *_SCORING,
                                                           "anchors_seed", "trained_features", "out")),
+    "sweep": ("Phi0/Psi0 threshold sweep on the frozen backbone's features, before any training: from --data "
+              "--arch --patch --weights alone, or --run/--official (sweep.md, .json, .png)",
+              ("sweep", "of_propagation", "target?", *_TARGET_DATA, "weights", *_SCORING, "anchors_seed", "phi0_grid",
+               "gap", "per_class", "size", "out")),
     "summarize": ("mean ± std over runs (seeds)", ("summarize", "out")),
     "knn": ("each image's nearest images by backbone features (table + knn.png)",
             ("knn", "data", "data_dir", "arch", "patch", "weights", "k", "split", "out", "device", "batch_size",
@@ -1684,9 +2130,9 @@ MODES = {
 
 
 def mode_of(argv) -> str:
-    """The mode a command line asks for: the first of --summarize, --knn, --audit, --propagation it holds, else
-    evaluate (argparse then rejects a second mode's flag as a flag this mode does not take)."""
-    for mode in ("summarize", "knn", "audit", "propagation"):
+    """The mode a command line asks for: the first of --summarize, --knn, --audit, --sweep, --propagation it holds,
+    else evaluate (argparse then rejects a second mode's flag as a flag this mode does not take)."""
+    for mode in ("summarize", "knn", "audit", "sweep", "propagation"):
         if any(a == f"--{mode}" or a.startswith(f"--{mode}=") for a in argv):
             return mode
     return "evaluate"
@@ -1701,8 +2147,8 @@ def build_parser(mode: str = "evaluate") -> argparse.ArgumentParser:
                      epilog=f"Other modes (each with its own --help): {others}.")
     p.hint = f"python eval.py{'' if mode == 'evaluate' else ' --' + mode} --help lists this mode's flags"
     for name in names:
-        if name == "target":
-            g = p.add_mutually_exclusive_group(required=True)
+        if name in ("target", "target?"):
+            g = p.add_mutually_exclusive_group(required=name == "target")
             for key in ("run", "official"):
                 g.add_argument(*FLAGS[key][0], **FLAGS[key][1])
         else:
@@ -1749,7 +2195,7 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.mode != "evaluate" or args.kmeans):
         raise PPAPError("under torchrun, eval.py evaluates --run/--official (the val set is shared out); "
-                        "run --summarize, --knn, --audit, --kmeans and --propagation as one process")
+                        "run --summarize, --knn, --audit, --kmeans, --propagation and --sweep as one process")
     if args.mode == "summarize":
         s = summarize(args.summarize)
         print(format_summary(s))
@@ -1761,7 +2207,7 @@ def _main(args) -> int:
             ppap.atomic_write(path, lambda p: ppap.write_json(p, _nan_to_none(s), indent=1))
             print(f"wrote {path}")
         return 0
-    return {"audit": _audit_cli, "propagation": _propagation_cli, "knn": _knn_cli,
+    return {"audit": _audit_cli, "propagation": _propagation_cli, "sweep": _sweep_cli, "knn": _knn_cli,
             "evaluate": _evaluate_cli}[args.mode](args)
 
 

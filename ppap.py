@@ -169,13 +169,41 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def preset_for(data: str, arch: str, patch: int) -> dict:
-    """The PRESETS row of (data, arch, patch). A dataset may take another's rows (DATASETS[data].presets), a
-    backbone another's at patch 8 (DINOv2: the DINO ViT of its width); otherwise the dataset's default row."""
+def preset_key(data: str, arch: str, patch: int) -> tuple | None:
+    """The PRESETS row that (data, arch, patch) takes: its own; a dataset may take another's rows
+    (DATASETS[data].presets), a backbone another's at patch 8 (DINOv2: the DINO ViT of its width); otherwise
+    the dataset's default row (None: no row, the Config defaults)."""
     data = DATASETS[data].presets or data
     borrowed = BACKBONES[arch].presets if arch in BACKBONES else ""
-    default = PRESETS.get((data, *DATASETS[data].backbone), {})
-    return PRESETS.get((data, arch, patch)) or PRESETS.get((data, borrowed, 8)) or default
+    for key in ((data, arch, patch), (data, borrowed, 8), (data, *DATASETS[data].backbone)):
+        if key in PRESETS:
+            return key
+    return None
+
+
+def preset_for(data: str, arch: str, patch: int) -> dict:
+    """The values of (data, arch, patch)'s PRESETS row (preset_key)."""
+    key = preset_key(data, arch, patch)
+    return PRESETS[key] if key else {}
+
+
+def threshold_note(cfg: Config) -> str | None:
+    """One line when the run's Phi_0/Psi_0 come from a PRESETS row that is not its own (a borrowing backbone or
+    dataset, or a combination without a row) and were not set by hand: absolute cosine thresholds tuned on
+    one backbone's features need not fit another's. It names the sweep that checks them (eval.py --sweep)."""
+    key = preset_key(cfg.data, cfg.arch, cfg.patch)
+    if key == (cfg.data, cfg.arch, cfg.patch):
+        return None
+    row = PRESETS.get(key, {})
+    if (cfg.phi0, cfg.psi0) != (row.get("phi0", Config.phi0), row.get("psi0", Config.psi0)):
+        return None                                 # chosen for this run
+    source = f"{key[1]}/{key[2]} on {key[0]}" if key else "the defaults (vit_small/8 on cocostuff)"
+    sweep = ["python", "eval.py", "--propagation", "--sweep", "--data", cfg.data, "--arch", cfg.arch, "--patch",
+             str(cfg.patch)] + (["--weights", cfg.weights] if cfg.weights else []) + \
+        (["--data-dir", cfg.data_dir] if cfg.data_dir != Config.data_dir else [])
+    return (f"note: --phi0 {cfg.phi0} / --psi0 {cfg.psi0} were tuned for {source}, not for {cfg.arch}/{cfg.patch} "
+            f"on {cfg.data}; check them on these features before trusting the run: {shlex.join(sweep)} "
+            f"(README: Choosing Phi0 and Psi0)")
 
 
 def make_config(overrides: dict) -> Config:
@@ -837,7 +865,10 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, criterion, gener
         linear_sum, n_labelled, clusters = probe_losses(out, label, core.n_classes)
     linear = linear_sum / all_sum(n_labelled.float()).clamp(min=1)
     clusters = clusters / world_size()
-    objective, shares, loss_stats = linear + clusters.sum(), {"linear": linear, "cluster": clusters}, {}
+    # what is logged (and averaged for --cluster-probes) is the cluster loss's mean taken in fp32: under autocast
+    # the loss itself is rounded to fp16/bf16. The objective keeps the loss as it is (the same gradient).
+    logged_clusters = torch.stack([ClusterProbe.loss(s.detach().float()) for s in out["cluster_scores"]]) / world_size()
+    objective, shares, loss_stats = linear + clusters.sum(), {"linear": linear, "cluster": logged_clusters}, {}
     if cfg.ppap_weight:    # weight 0 is the baseline: no gradient reaches head/projection
         crit = out["crit"]
         f = crit.permute(0, 2, 3, 1).reshape(-1, crit.shape[1]).detach()
@@ -947,6 +978,9 @@ def start_run(cfg: Config, ckpt: dict | None, device: torch.device) -> Run:
     print(f"git {git_commit()} | torch {torch.__version__} | device {device}")
     for k, v in asdict(cfg).items():
         print(f"  {k:18s} {v}")
+    note = threshold_note(cfg)
+    if note:
+        print(note)
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1672,6 +1706,9 @@ POTSDAM3_FINE_TO_COARSE = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
 IMAGENET_S_IGNORE = 1000       # mask value R + 256*G; 0 = background/other, 1..K classes
 FIVE_CROP_RATIO = 0.5
 _FIVE_CROP_VERSION = 2          # 1: JPEG quality 95, 4:4:4 (before the authors' encoding became the default)
+# Version 2 caches built while crops still carried a source's JPEG comment segment are kept: they differ from a
+# new build by that segment alone, never by a decoded pixel, so training on them is identical; a rebuild (hours
+# for COCO-Stuff) would buy nothing but the bytes. Delete the folder to get byte-identical files.
 
 
 def _lut(mapping, size=256):
@@ -1935,7 +1972,9 @@ def _five_crop_one(task):
     jpeg = dict(quality=quality, subsampling=0) if quality else {}
     stored = Image.fromarray((lab + 1).clip(0, 255).astype(np.uint8))     # mode L
     for (ip, lp), box in zip(names, five_crop_boxes(img.width, img.height)):
-        atomic_write(ip, lambda p, c=img.crop(box): c.save(p, format="JPEG", **jpeg))
+        # pixels only, as the authors' script saves Image.fromarray(array): img.crop keeps the source's info,
+        # and Pillow writes its JPEG comment back into every crop
+        atomic_write(ip, lambda p, c=Image.fromarray(np.asarray(img.crop(box))): c.save(p, format="JPEG", **jpeg))
         atomic_write(lp, lambda p, c=stored.crop(box): c.save(p, format="PNG"))
     return i
 
@@ -1955,8 +1994,35 @@ def _sources_digest(pairs):
 
 
 def five_crop_dir(data_dir, name, ratio=FIVE_CROP_RATIO, quality=0):
-    """The authors' folder name; a non-default JPEG quality gets a folder of its own."""
+    """Our cache: <data_dir>/cropped/<name>_five_crop_<ratio>; a non-default JPEG quality gets a folder of its
+    own. (The authors' crop script writes elsewhere and under another name: authors_five_crop_dir.)"""
     return os.path.join(data_dir, "cropped", f"{name}_five_crop_{ratio}" + (f"_q{quality}" if quality else ""))
+
+
+# The dataset name in the folder of the authors' crop script (their json's "data_type"), for the datasets whose
+# crops they number in our order (COCO-Stuff: the curated train list; Cityscapes: their loader's file order is
+# the filesystem's, so its crops are not ours, index for index).
+_AUTHORS_CROP_NAME = {"cocostuff": "cocostuff27"}
+
+
+def authors_five_crop_dir(data_dir, name, n_sources, ratio=FIVE_CROP_RATIO) -> str | None:
+    """A five-crop set built by the authors' crop script, where their configs' data_path (the dataset's own
+    root) puts it: <data_dir>/<name>/cropped/<their name>_five_crop_<ratio>/{img,label}/train/<5i+k>.{jpg,png}
+    (STEGO's layout; labels stored as label + 1). -> its folder when it holds exactly the 5 * n_sources crops of
+    our source list, else None. Its pixels are those of our own crops (the source's pixels cropped, Pillow's
+    default JPEG encoding, no metadata)."""
+    if name not in _AUTHORS_CROP_NAME:
+        return None
+    root = os.path.join(data_dir, name, "cropped", f"{_AUTHORS_CROP_NAME[name]}_five_crop_{ratio}")
+    n = 5 * n_sources
+    for sub, ext in (("img", ".jpg"), ("label", ".png")):
+        try:
+            found = {e.name for e in os.scandir(os.path.join(root, sub, "train")) if e.name.endswith(ext)}
+        except OSError:
+            return None
+        if len(found) != n or not all(f"{j}{ext}" in found for j in range(n)):
+            return None
+    return root
 
 
 def _read_json(path):
@@ -2038,8 +2104,15 @@ def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quali
 
 
 def five_crop_dataset(name, read, pairs, data_dir, size, class_names, workers=0, progress=True, quality=0):
-    out = build_five_crop(name, read, pairs, data_dir, workers=workers, progress=progress, quality=quality,
-                          n_classes=len(class_names))
+    """The five-crop training set: the authors' own crop set when it is there (and the default encoding is
+    asked for), else our cache, built on first use."""
+    out = authors_five_crop_dir(data_dir, name, len(pairs)) if not quality else None
+    if out is not None:
+        print(f"five-crop: using the authors' crop set {out} ({5 * len(pairs)} crops, built by their crop script; "
+              f"the same pixels as our own crops would have)")
+    else:
+        out = build_five_crop(name, read, pairs, data_dir, workers=workers, progress=progress, quality=quality,
+                              n_classes=len(class_names))
     crops = [(os.path.join(out, "img", "train", f"{j}.jpg"),
               os.path.join(out, "label", "train", f"{j}.png")) for j in range(5 * len(pairs))]
     return RealSegDataset(name, read_five_crop, crops, size, class_names, data_dir,

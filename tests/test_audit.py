@@ -6,6 +6,7 @@ audit table of the authors' released checkpoints.
 The brute-force helpers below re-derive the method from the paper's definitions with Python loops over
 anchors and samples; they share no code with ppap.PPAPLoss.propagate.
 """
+import dataclasses
 import math
 
 import pytest
@@ -401,6 +402,60 @@ def _majority_labels(label, p):
                     if 2 * counts.max() > p * p:
                         out[b, i, j] = counts.argmax()
     return out
+
+
+def _labels_the_vit_sees(label, p):
+    """The pixel labels at the size the ViT sees, with Python arithmetic: each side rounded to the nearest
+    multiple of p (halves up), each new pixel the label of the old pixel under its centre."""
+    B, H, W = label.shape
+    Hs, Ws = p * int(H / p + 0.5), p * int(W / p + 0.5)
+    ys = [int((y + 0.5) * H / Hs) for y in range(Hs)]
+    xs = [int((x + 0.5) * W / Ws) for x in range(Ws)]
+    return label[:, ys][:, :, xs]
+
+
+@pytest.mark.parametrize("p,size", [(14, 320), (14, 224), (14, 300), (8, 320), (16, 320), (16, 330)])
+def test_patch_labels_follow_the_grid_the_backbone_sees(p, size):
+    """At patch 14 the ViT sees 320 px as 322 (23 x 23 patches): the labels are cut on that grid, not on 22 x 22."""
+    g = torch.Generator().manual_seed(p + size)
+    coarse = torch.randint(-1, 4, (2, size // 20 + 1, size // 20 + 1), generator=g)   # blobs of ~20 px, some unlabelled
+    label = coarse.repeat_interleave(20, 1).repeat_interleave(20, 2)[:, :size, :size - 4].numpy()
+    got = ev.patch_labels(torch.from_numpy(label), p, 4)
+    assert got.shape == (2, ppap.patch_grid(size, p), ppap.patch_grid(size - 4, p))
+    assert got.tolist() == _majority_labels(_labels_the_vit_sees(label, p), p).tolist()
+    if size % p == 0 and (size - 4) % p == 0:            # a multiple: the val crop itself, as before
+        assert got.tolist() == _majority_labels(label, p).tolist()
+
+
+@pytest.fixture
+def small_dinov2(monkeypatch, tmp_path):
+    """`--arch dinov2_vits14` as a 2-block, 64-wide DINOv2 ViT (the same class, released key format) and a
+    weights file for it: the registry entry is what a run records and eval.py rebuilds."""
+    from test_dinov2 import released_state_dict, small_model
+    spec = ppap.BACKBONES["dinov2_vits14"]
+    monkeypatch.setitem(ppap.BACKBONES, "dinov2_vits14",
+                        dataclasses.replace(spec, build=lambda patch: small_model(0, 0.1, False)))
+    path = tmp_path / "dinov2_small.pth"
+    torch.save(released_state_dict(64, 2, 0, seed=8), path)
+    return str(path)
+
+
+def test_propagation_report_on_a_dinov2_run_validated_at_320_px(small_dinov2, tmp_path, capsys):
+    """The issue's repro: a DINOv2 run validated at 320 px; before the fix the labels were cut 22 x 22 (1936 per
+    batch of 4) against 23 x 23 features (2116)."""
+    run = tmp_path / "R"
+    assert ppap.main(["--data", "synthetic", "--arch", "dinov2_vits14", "--weights", small_dinov2, "--max-steps", "1",
+                      "--batch-size", "16", "--img-size", "112", "--val-size", "320", "--val-limit", "4",
+                      "--val-every", "0", "--run", str(run), "--device", "cpu", "--no-progress",
+                      "--num-workers", "0"]) == 0
+    out = tmp_path / "prop"
+    assert ev.main(["--propagation", "--run", str(run), "--limit", "4", "--batch-size", "4", "--device", "cpu",
+                    "--num-workers", "0", "--out", str(out)]) == 0
+    doc = json.loads((out / "propagation.json").read_text())
+    assert doc["grid"] == [23, 23] and doc["n_images"] == 4 and doc["n_labelled_anchors"] > 0
+    sums = doc["feature_sets"]["criterion"]["sums"]
+    assert sums["pairs_labelled"][0] > 0 and (out / "propagation.png").exists()
+    capsys.readouterr()
 
 
 def test_propagation_report_on_a_short_run(short_run, tmp_path, capsys):

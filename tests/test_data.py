@@ -593,6 +593,68 @@ def test_five_crop_jpegs_use_pillows_default_encoding_and_old_caches_are_rebuilt
     assert sampling == 0 and tables != default_tables                    # 4:4:4, other tables
 
 
+def test_five_crop_jpegs_do_not_inherit_the_sources_jpeg_comment(tmp_path):
+    """The authors' crop script saves Image.fromarray(crop array): no metadata. A source JPEG with a comment
+    segment (COM) gives crops with the bytes of its pixels alone, not the comment Pillow would carry over."""
+    ids = make_coco(tmp_path, n_train=1)
+    src = tmp_path / 'cocostuff' / 'images' / 'train2017' / f"{ids['train2017'][0]}.jpg"
+    rgb = Image.open(src).convert('RGB')
+    rgb.save(src, format='JPEG', quality=90, comment=b'a camera wrote this')
+    assert Image.open(src).info['comment'] == b'a camera wrote this'
+    pairs = D.cocostuff_pairs(str(tmp_path), 'train')
+    out = D.build_five_crop('cocostuff', D.read_cocostuff, pairs, str(tmp_path), workers=1, progress=False)
+    decoded = Image.open(src).convert('RGB')
+    for k, box in enumerate(D.five_crop_boxes(decoded.width, decoded.height)):
+        data = open(os.path.join(out, 'img', 'train', f'{k}.jpg'), 'rb').read()
+        ref = io.BytesIO()
+        Image.fromarray(np.asarray(decoded)[box[1]:box[3], box[0]:box[2]]).save(ref, format='JPEG')
+        assert b'a camera wrote this' not in data and data == ref.getvalue()
+
+
+def _authors_crop_set(root, pairs, read):
+    """A five-crop set as the authors' crop script writes it (STEGO's layout under the dataset's data_path, their
+    name cocostuff27): torchvision's five_crop of the loaded tensors, back to uint8 as they do (x255 + 0.5,
+    clamped), saved with Image.fromarray; labels + 1 in an 8-bit PNG."""
+    out = os.path.join(root, 'cocostuff', 'cropped', 'cocostuff27_five_crop_0.5')
+    for sub in ('img', 'label'):
+        os.makedirs(os.path.join(out, sub, 'train'))
+    for i, (ip, lp) in enumerate(pairs):
+        img, lab = read(ip, lp)
+        x = TF.to_tensor(img)
+        h, w = x.shape[-2:]
+        crops = TF.five_crop(x, [int(h * 0.5), int(w * 0.5)])
+        labs = TF.five_crop(torch.from_numpy(lab), [int(h * 0.5), int(w * 0.5)])
+        for k, (c, l) in enumerate(zip(crops, labs)):
+            arr = c.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(os.path.join(out, 'img', 'train', f'{5 * i + k}.jpg'), 'JPEG')
+            Image.fromarray((l + 1).to(torch.uint8).numpy()).save(os.path.join(out, 'label', 'train',
+                                                                               f'{5 * i + k}.png'), 'PNG')
+    return out
+
+
+def test_the_authors_crop_set_is_used_when_present_and_equals_ours(tmp_path, capsys):
+    make_coco(tmp_path, n_train=2)
+    pairs = D.cocostuff_pairs(str(tmp_path), 'train')
+    theirs = _authors_crop_set(str(tmp_path), pairs, D.read_cocostuff)
+    ours = D.build_five_crop('cocostuff', D.read_cocostuff, pairs, str(tmp_path / 'own'), workers=1, progress=False)
+    for j in range(10):                          # byte for byte: the same pixels, encoding and (no) metadata
+        for sub, ext in (('img', 'jpg'), ('label', 'png')):
+            a, b = (os.path.join(d, sub, 'train', f'{j}.{ext}') for d in (theirs, ours))
+            if ext == 'jpg':
+                assert open(a, 'rb').read() == open(b, 'rb').read(), j
+            else:
+                assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), j
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'train')
+    assert f"using the authors' crop set {theirs} (10 crops" in capsys.readouterr().out
+    assert ds.pairs[7][0] == os.path.join(theirs, 'img', 'train', '7.jpg') and len(ds) == 10
+    assert not os.path.exists(D.five_crop_dir(str(tmp_path), 'cocostuff'))          # ours was not built
+    # an incomplete set of theirs is left alone: ours is built
+    os.remove(os.path.join(theirs, 'label', 'train', '9.png'))
+    ds = D.build_dataset(cfg('cocostuff', tmp_path), 'train')
+    assert "authors' crop set" not in capsys.readouterr().out
+    assert ds.pairs[7][0] == os.path.join(D.five_crop_dir(str(tmp_path), 'cocostuff'), 'img', 'train', '7.jpg')
+
+
 # ---------------------------------------------------------------- the unhappy path
 
 def test_a_val_label_of_the_wrong_size_is_an_error(tmp_path):

@@ -650,6 +650,24 @@ def test_a_step_with_non_finite_gradients_is_skipped(amp_dtype, monkeypatch):
         assert scaler.get_scale() == ppap.GRAD_SCALER_INIT / 2       # the scale halves
 
 
+@pytest.mark.parametrize("amp_dtype", ["fp16", "bf16"])
+def test_the_logged_cluster_loss_is_taken_in_fp32_under_autocast(amp_dtype):
+    """Under autocast the probes' scores are fp16/bf16, and so is the cluster loss on them; the value logged
+    and averaged for --cluster-probes (cluster_loss_ema) is the same mean taken in fp32."""
+    cfg, model, batch = _step_setup(amp_dtype, cluster_probes=3)
+    with torch.no_grad(), ppap.autocast("cpu", ppap.amp_dtype(cfg, "cpu")):
+        scores = model(batch["img"], probes=True)["cluster_scores"]
+    assert scores[0].dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[amp_dtype]
+    want = [float(-s.double().max(1).values.mean()) for s in scores]
+    with ppap.autocast("cpu", ppap.amp_dtype(cfg, "cpu")):
+        rounded = [float(ppap.ClusterProbe.loss(s)) for s in scores]
+    assert max(abs(a - b) for a, b in zip(want, rounded)) > 1e-5      # what the fp16/bf16 loss would have logged
+    st = ppap.train_step(model, batch, ppap.build_optimizers(cfg, model), ppap.make_scaler(cfg, "cpu"), cfg,
+                         torch.device("cpu"), ppap.build_loss(cfg), torch.Generator().manual_seed(1))
+    assert st["cluster"] == pytest.approx(want[0], abs=1e-6)
+    assert model.cluster_loss_ema.tolist() == pytest.approx(want, abs=1e-6)   # the first step: the values themselves
+
+
 def test_fp16_and_bf16_runs_on_cpu_checkpoint_and_resume_exactly(tmp_path):
     runs = {}
     for dt in ("fp16", "bf16", "fp32"):
