@@ -560,15 +560,22 @@ class FakeDrive(http.server.BaseHTTPRequestHandler):
             self.send_error(403)
 
 
+def serving(handler):
+    """A local HTTP server with `handler` for the test's duration -> its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def fake_drive(ckpt_bytes):
     FakeDrive.files = {c[1]: b for c, b in zip(CKPTS, ckpt_bytes)}
     FakeDrive.log = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeDrive)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield from serving(FakeDrive)
 
 
 def legacy_ckpt():
@@ -692,11 +699,7 @@ class Mirror(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def mirror():
     Mirror.files, Mirror.fault, Mirror.log = {}, None, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield from serving(Mirror)
 
 
 def gets():
