@@ -244,6 +244,9 @@ def check_config(cfg: Config) -> None:
 #                                x [B,3,H,W] normalised (sides multiples of patch_size) -> the input of the
 #                                trainable head (any shape) and the criterion features crit [B,D,h,w]; called
 #                                under torch.no_grad()
+#   optional: trunk(x) -> head_in and crit_features(head_in, (h, w)) -> crit, the two halves of features
+#                                (the same operations); --feature-cache needs them: it stores trunk(x) (and
+#                                crit) once per train crop, and PPAP.forward takes them precomputed
 #   make_head() -> nn.Module     the trainable head, initialised from the backbone (DINO: a copy of its last block)
 #   code(head_out, (h, w)) -> [B,D,h,w]
 #                                the training branch's code from the head's output (DINO: the frozen final
@@ -400,9 +403,7 @@ class VisionTransformer(nn.Module):
     def tokens(self, x):
         """[B,3,H,W] -> (t after the penultimate block, norm(t after the last block)), both
         [B, n_prefix + h*w, D]."""
-        t = self.prepare_tokens(x)
-        for blk in self.blocks[:-1]:
-            t = blk(t)
+        t = self.trunk(x)
         return t, self.norm(self.blocks[-1](t))
 
     def forward(self, x):
@@ -413,8 +414,21 @@ class VisionTransformer(nn.Module):
         """-> (tokens before the last block [B, n_prefix + h*w, D]: the head's input; the criterion features,
         norm(last block) of the patch tokens [B,D,h,w]). The head sees every token, CLS and registers
         included, as the last block does; code and crit keep the patch tokens only."""
-        t, c = self.tokens(x)
-        return t, self._grid(c, (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size))
+        t = self.trunk(x)
+        return t, self.crit_features(t, (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size))
+
+    def trunk(self, x):
+        """features' first half: [B,3,H,W] -> the head's input, the tokens after the penultimate block (what
+        --feature-cache stores: every frozen block but the last)."""
+        t = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+        return t
+
+    def crit_features(self, t, grid):
+        """features' second half: the head's input -> the criterion features [B,D,h,w] (the frozen last
+        block and final norm, patch tokens only)."""
+        return self._grid(self.norm(self.blocks[-1](t)), grid)
 
     def make_head(self) -> nn.Module:
         """The trainable head: a copy of the last block, starting from its pretrained weights (no random draw)."""
@@ -522,17 +536,24 @@ class PPAP(nn.Module):
         self.backbone.eval()           # frozen: never in training mode (it has no dropout, but be explicit)
         return self
 
-    def forward(self, x, crit_keep: torch.Tensor | None = None, probes: bool = False):
+    def forward(self, x, crit_keep: torch.Tensor | None = None, probes: bool = False,
+                head_in: torch.Tensor | None = None, crit: torch.Tensor | None = None):
         """x normalised [B,3,H,W] -> {'code' [B,D,h,w], 'z' [B*h*w,D] unit rows, 'crit' [B,D,h,w]};
         h = patch_grid(H, p): a side that is not a multiple of the patch is resized first (fit_to_patch).
 
         crit_keep [B,D]: the criterion dropout in training (crit_dropout_mask); None leaves crit as is.
         probes: also the probes' outputs on the detached code (training: the probes learn inside the same
         forward call, as DistributedDataParallel needs): 'linear_logits' [B,C,h,w], 'cluster_scores' a list
-        of [B,K,h,w], one per cluster probe."""
+        of [B,K,h,w], one per cluster probe.
+        head_in, crit: the backbone's trunk(x) and crit_features, already computed (--feature-cache); with
+        head_in alone the frozen backbone runs only crit_features, with both nothing."""
         x = fit_to_patch(x, self.patch_size)
         with torch.no_grad():
-            head_in, crit = self.backbone.features(x)
+            if head_in is None:
+                head_in, crit = self.backbone.features(x)
+            elif crit is None:
+                crit = self.backbone.crit_features(head_in, (x.shape[-2] // self.patch_size,
+                                                             x.shape[-1] // self.patch_size))
         if crit_keep is not None:
             crit = crit * crit_keep.to(crit.device, crit.dtype)[:, :, None, None]
         code = self.backbone.code(self.head(head_in), crit.shape[-2:])
