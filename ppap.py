@@ -2490,6 +2490,7 @@ FEATURE_CACHE_DTYPES = ("exact", "fp16", "bf16")
 FEATURE_CACHE_FORMAT = 1
 FEATURE_SHARD_BYTES = 1 << 30     # shards of ~1 GiB: a killed build loses at most one per process
 FEATURE_MIN_SHARDS = 8            # and at least 8 shards, which the processes of a job share
+FEATURE_LOCK_POLL_S = 2.0         # a run waiting for another's build looks again after this long
 _CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64}
 # numpy has no bfloat16: its rows are stored as their raw 16 bits
@@ -2623,14 +2624,14 @@ def _remove_folder(path: str) -> None:
         shutil.rmtree(gone, ignore_errors=True)
 
 
-def _cache_plan(root: str, key: dict, cfg: Config, backbone: nn.Module, train_set, device) -> dict:
+def _cache_plan(root: str, key: dict, cfg: Config, backbone: nn.Module, train_set, device,
+                unlocked: str | None = None) -> dict:
     """Rank 0, holding DIR's lock: read the complete cache when its key matches, else say why and plan the
-    build (resuming an interrupted one of the same key), its size printed and checked against the disk."""
+    build (resuming an interrupted one of the same key), its size printed and checked against the disk.
+    Without the lock (`unlocked` says why) a matching complete cache is read, and nothing is written."""
     complete, building = os.path.join(root, "complete"), os.path.join(root, "building")
-    for e in os.scandir(root):
-        if ".stale-" in e.name:                  # what a run killed while removing a folder left
-            shutil.rmtree(e.path, ignore_errors=True)
     done = _read_json(os.path.join(complete, "DONE.json"))
+    why = "it holds no complete cache"
     if done is not None or os.path.exists(complete):
         why = _key_change((done or {}).get("key"), key)
         if not why:
@@ -2638,6 +2639,12 @@ def _cache_plan(root: str, key: dict, cfg: Config, backbone: nn.Module, train_se
             if not cut:
                 return {"read": done}
             why = f"{_shard_name(cut[0])} is missing or cut short"
+    if unlocked:
+        raise PPAPError(f"feature cache {root}: {unlocked}, so it can only be read, and {why}")
+    for e in os.scandir(root):
+        if ".stale-" in e.name:                  # what a run killed while removing a folder left
+            shutil.rmtree(e.path, ignore_errors=True)
+    if os.path.exists(complete):
         print(f"feature cache {root}: rebuilt: {why}", flush=True)
         _remove_folder(complete)
     started = _read_json(os.path.join(building, "key.json"))
@@ -2730,13 +2737,15 @@ def _finish_build(root: str, plan: dict, batch: int) -> dict:
 
 
 def _on_rank0(fn, *args):
-    """fn(*args) in rank 0, its result (or its PPAPError) in every process."""
+    """fn(*args) in rank 0, its result (or its error, as one line) in every process."""
     result = None
     if dist_rank() == 0:
         try:
             result = fn(*args)
         except PPAPError as e:
             result = {"error": str(e)}
+        except OSError as e:
+            result = {"error": f"cannot write the feature cache: {e.strerror or e} ({e.filename})"}
     result = from_rank0(result)
     if "error" in result:
         raise PPAPError(result["error"])
@@ -2745,34 +2754,35 @@ def _on_rank0(fn, *args):
 
 @contextlib.contextmanager
 def _cache_lock(root: str):
-    """DIR's lock, held by rank 0 while the job checks, builds and opens the cache. Rank 0 polls it, so that
-    the job's other processes wait in short collectives, never in one that could time out."""
-    lock, error = None, None
+    """DIR's lock, held by rank 0 while the job checks, builds and opens the cache; rank 0 polls it, so that
+    the job's other processes wait in short collectives, never in one that could time out. Yields None, or
+    why DIR cannot be locked (a read-only folder, a file system without locks): then it can only be read."""
+    lock, unlocked = None, None
     if dist_rank() == 0:
         try:
             os.makedirs(root, exist_ok=True)
             lock = open(os.path.join(root, "lock"), "a")
         except OSError as e:
-            error = f"cannot create the feature cache in {root}: {e.strerror or e}"
-    error = from_rank0(error)
-    if error:
-        raise PPAPError(error)
+            unlocked = f"cannot write {root} ({e.strerror or e})"
     said = False
     try:
         while True:
-            got = True
+            state = "locked"
             if lock is not None and fcntl is not None:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    got = False
-            if from_rank0(got):
+                except BlockingIOError:
+                    state = "busy"
+                except OSError as e:
+                    unlocked = f"cannot lock {root}/lock ({e.strerror or e})"
+            state = from_rank0(unlocked or state)
+            if state != "busy":
                 break
             if not said:
                 print(f"feature cache {root}: another run is building it; waiting", flush=True)
                 said = True
-            time.sleep(2)
-        yield
+            time.sleep(FEATURE_LOCK_POLL_S)
+        yield None if state == "locked" else state
     finally:
         if lock is not None:
             lock.close()
@@ -2785,9 +2795,9 @@ def open_feature_cache(cfg: Config, backbone: nn.Module, train_set, device) -> "
         raise PPAPError(f"--feature-cache needs a backbone with trunk() and crit_features() (the backbone "
                         f"contract); {cfg.arch} has not both: run without --feature-cache")
     root = os.path.abspath(cfg.feature_cache)
-    with _cache_lock(root):
+    with _cache_lock(root) as unlocked:
         key = feature_cache_key(cfg, backbone, train_set, device) if dist_rank() == 0 else None
-        plan = _on_rank0(_cache_plan, root, key, cfg, backbone, train_set, device)
+        plan = _on_rank0(_cache_plan, root, key, cfg, backbone, train_set, device, unlocked)
         built = "build" in plan
         if built:
             _build_shards(root, plan["build"], cfg, backbone, train_set, device)

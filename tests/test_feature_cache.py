@@ -2,10 +2,13 @@
 runs. Exact (a cached run is bit-identical to a live one), keyed (another backbone, size or file list is
 rebuilt with one line saying why), never read when cut short, shared safely by processes and runs."""
 import dataclasses
+import errno
 import json
 import os
+import pickle
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -327,3 +330,70 @@ def test_processes_of_a_job_each_write_their_shards_and_all_read_every_row(tmp_p
     assert torch.equal(parts[0]["rows"], ref) and torch.equal(parts[1]["rows"], ref)
     ppap.open_feature_cache(cache_cfg(cache), demo_backbone(), ppap.SyntheticDataset("train", 56, N_TRAIN), "cpu")
     assert f"reusing {N_TRAIN} crops" in capsys.readouterr().out        # a one-process run reads the job's cache
+
+
+def test_two_runs_at_once_one_builds_the_other_waits_then_reads(tmp_path, capsys, monkeypatch):
+    """Two openers of one cache at once (threads: flock excludes two open files of one process as it does two
+    processes): the second finds the lock taken while the first builds, waits, then reads the first's cache."""
+    monkeypatch.setattr(ppap, "FEATURE_LOCK_POLL_S", 0.05)
+    blocked, inside = threading.Event(), threading.Event()
+    flock = ppap.fcntl.flock
+
+    def watched(f, op):
+        try:
+            return flock(f, op)
+        except BlockingIOError:
+            blocked.set()
+            raise
+    monkeypatch.setattr(ppap.fcntl, "flock", watched)
+    real = ppap.atomic_write
+
+    def first_shard_waits(path, write):
+        if path.endswith(".bin") and not inside.is_set():
+            inside.set()
+            assert blocked.wait(60), "the second run never met the lock"
+        return real(path, write)
+    monkeypatch.setattr(ppap, "atomic_write", first_shard_waits)
+    ds, backbone, rows = ppap.SyntheticDataset("train", 56, N_TRAIN), demo_backbone(), {}
+
+    def run(name):
+        got = ppap.open_feature_cache(cache_cfg(tmp_path / "c"), backbone, ds, "cpu")
+        rows[name] = torch.stack([got[i]["head_in"] for i in range(len(ds))])
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert inside.wait(60)
+    run("second")
+    first.join()
+    out = capsys.readouterr().out
+    assert out.count("built; later epochs") == 1 and "another run is building it; waiting" in out
+    assert f"reusing {N_TRAIN} crops" in out
+    ref = reference_rows(backbone, ds)
+    assert torch.equal(rows["first"], ref) and torch.equal(rows["second"], ref)
+
+
+def test_a_run_reading_a_cache_that_another_replaces_keeps_its_rows(tmp_path, capsys):
+    backbone = demo_backbone()
+    ds56, ds48 = ppap.SyntheticDataset("train", 56, 6), ppap.SyntheticDataset("train", 48, 6)
+    reading = ppap.open_feature_cache(cache_cfg(tmp_path / "c"), backbone, ds56, "cpu")
+    ppap.open_feature_cache(cache_cfg(tmp_path / "c"), backbone, ds48, "cpu")     # another run, another size
+    assert "rebuilt: the image size changed (56 -> 48)" in capsys.readouterr().out
+    assert torch.equal(torch.stack([reading[i]["head_in"] for i in range(6)]), reference_rows(backbone, ds56))
+    worker = pickle.loads(pickle.dumps(reading))      # a DataLoader worker that is not forked maps the files anew
+    with pytest.raises(ppap.PPAPError, match="was replaced by another run while this one trained"):
+        worker[0]
+
+
+def test_a_cache_folder_that_cannot_be_locked_is_read_but_never_written(tmp_path, capsys, monkeypatch):
+    backbone, ds = demo_backbone(), ppap.SyntheticDataset("train", 56, 6)
+    ppap.open_feature_cache(cache_cfg(tmp_path / "c"), backbone, ds, "cpu")
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(ppap.fcntl, "flock", no_locks)
+    got = ppap.open_feature_cache(cache_cfg(tmp_path / "c"), backbone, ds, "cpu")
+    assert "reusing 6 crops" in capsys.readouterr().out
+    assert torch.equal(torch.stack([got[i]["head_in"] for i in range(6)]), reference_rows(backbone, ds))
+    with pytest.raises(ppap.PPAPError, match="cannot lock .*No locks available.*, so it can only be read, and the "
+                                             "image size changed"):
+        ppap.open_feature_cache(cache_cfg(tmp_path / "c"), backbone, ppap.SyntheticDataset("train", 48, 6), "cpu")
+    assert (tmp_path / "c" / "complete").exists() and not (tmp_path / "c" / "building").exists()
