@@ -2475,7 +2475,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 # with the same key reads them, and the step runs only the criterion's frozen last block (crit_features; no
 # frozen block at all with --feature-cache-crit) and the trained modules. Exact by default: a stored row is
 # what the live path computes, in its dtype (DINO's residual stream is fp32, also under autocast). The pass
-# runs in batches of the run's per-process batch size, a shard's last batch padded with its own crops, so
+# runs in batches of the run's per-process batch size, the last batch padded with its own crops, so
 # that the kernels see the shapes of the live step.
 #   DIR/lock         flock: one builder at a time; another run waits for it, then reads
 #   DIR/complete/    DONE.json (the key and the layout) and shard-<k>.bin: raw [rows, record, width] arrays,
@@ -2609,8 +2609,9 @@ def _cache_layout(cfg: Config, backbone: nn.Module, train_set, device) -> dict:
     if live not in _CACHE_DTYPES:
         raise PPAPError(f"--feature-cache cannot store the backbone's {live} output")
     itemsize = torch.empty(0, dtype=_CACHE_DTYPES[stored]).element_size()
-    n, per_crop = len(train_set), rec.shape[1] * rec.shape[2] * itemsize
+    n, per_crop, bs = len(train_set), rec.shape[1] * rec.shape[2] * itemsize, cfg.batch_size // world_size()
     rows = max(1, min(FEATURE_SHARD_BYTES // per_crop, -(-n // FEATURE_MIN_SHARDS)))
+    rows = -(-rows // bs) * bs              # whole batches: only the last shard ends in a padded one
     return {"crops": n, "record": rec.shape[1], "tokens": rec.shape[1] - grid[0] * grid[1], "crit_grid": grid,
             "dim": rec.shape[2], "live_dtype": live, "stored": stored, "itemsize": itemsize, "shard_rows": rows,
             "shards": -(-n // rows)}
@@ -2679,7 +2680,7 @@ def _cache_plan(root: str, key: dict, cfg: Config, backbone: nn.Module, train_se
 
 def _build_shards(root: str, plan: dict, cfg: Config, backbone: nn.Module, train_set, device) -> None:
     """This process's share of the missing shards: the records of their crops in file order, in batches of
-    the run's per-process batch size (a shard's last batch padded with its own crops); each shard written
+    the run's per-process batch size (the last shard's last batch padded with its own crops); each shard written
     whole to a temporary name and renamed."""
     layout, building = plan["layout"], os.path.join(root, "building")
     mine = [k for k in plan["todo"] if k % world_size() == dist_rank()]

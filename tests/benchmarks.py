@@ -353,6 +353,9 @@ def case_cache(spec: dict) -> dict:
             sets[name] = ppap.open_feature_cache(c, model.backbone, data, device)
             sync(device)
             build_s[name] = time.perf_counter() - t0
+        lay = sets["tokens"].done["layout"]
+        computed = sum(-(-min(lay["shard_rows"], lay["crops"] - k * lay["shard_rows"]) // B) * B
+                       for k in range(lay["shards"]))
         batches = {"live": [], "tokens": [], "tokens+crit": []}
         read_s = []
         for j in range(steps):
@@ -401,7 +404,7 @@ def case_cache(spec: dict) -> dict:
                     times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(config=spec["config"], arch=f"{cfg.arch}/{cfg.patch}", img_size=cfg.img_size, batch=B,
-                crops=len(data), times_s=times, median_s=med, build_s=build_s, read_ms=1e3 * statistics.median(read_s),
+                crops=len(data), computed_crops=computed, shard_rows=lay["shard_rows"], times_s=times, median_s=med, build_s=build_s, read_ms=1e3 * statistics.median(read_s),
                 exact_same_batch=exact_same, exact_half_batch=exact_half, max_diff_half_batch=max_diff_half,
                 rounding=rounding,
                 amp_dtype=str(amp).removeprefix("torch.") if amp is not None else "fp32", threads=torch.get_num_threads(),
@@ -422,7 +425,9 @@ def bench_cache(args, results: dict) -> None:
         print(f"  first pass: {r['build_s']['tokens']:.1f} s for {r['crops']} crops "
               f"({1e3 * r['build_s']['tokens'] / r['crops']:.0f} ms/crop; tokens + crit "
               f"{1e3 * r['build_s']['tokens+crit'] / r['crops']:.0f} ms/crop; a live step: "
-              f"{1e3 * live_crop:.0f} ms/crop); reading a batch's rows: {r['read_ms']:.1f} ms (page cache)")
+              f"{1e3 * live_crop:.0f} ms/crop; here {r['computed_crops']} crops computed for {r['crops']} stored: "
+              f"batches padded to {r['batch']} at the end of the last shard); reading a batch's rows: "
+              f"{r['read_ms']:.1f} ms (page cache)")
         print(f"  {'':36s} {'step':>10s} {'speed-up':>9s}")
         for name, label in (("live", "live (no cache)"), ("tokens", "--feature-cache"),
                             ("tokens+crit", "--feature-cache --feature-cache-crit")):

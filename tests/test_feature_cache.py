@@ -18,7 +18,7 @@ from PIL import Image
 import ppap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N_TRAIN = 18          # not a multiple of the batch: the loader drops 2 crops an epoch, shards end in part batches
+N_TRAIN = 18          # not a multiple of the batch: the loader drops 2 crops an epoch, the last shard is padded
 # two epochs of 4 steps; val crops of 48 px, so that a train crop (56 px) is known by its size
 SMALL = ["--data", "synthetic", "--img-size", "56", "--val-size", "48", "--batch-size", "4", "--group", "196",
          "--trainpatchsplit", "4", "--val-limit", "8", "--num-workers", "0", "--no-progress", "--epochs", "2",
@@ -149,7 +149,7 @@ def test_a_cached_run_is_bit_identical_and_another_seed_reuses_the_cache(live_ru
     assert ppap.main(SMALL + ["--run", str(tmp_path / "a"), "--feature-cache", cache]) == 0
     out = capsys.readouterr().out
     assert f"{N_TRAIN} crops x 50 tokens x 192 x 4 B (float32)" in out and "built; later epochs" in out
-    assert sum(train_crops) == 1 + 6 * 4         # one crop for the layout, then 6 shards of 3 crops padded to 4
+    assert train_crops == [1] + [4] * 5         # one crop for the layout, then 5 shards of 4, 4, 4, 4, 2 + 2 padding
     assert_same_run(str(tmp_path / "a"), str(live_runs / "seed0"))
 
     train_crops.clear()
@@ -169,7 +169,8 @@ def test_a_cache_of_the_criterion_features_too_leaves_the_run_bit_identical(live
     assert ppap.main(SMALL + ["--run", str(tmp_path / "a"), "--feature-cache", str(tmp_path / "c"),
                               "--feature-cache-crit"]) == 0
     assert f"{N_TRAIN} crops x (50 tokens + 49 criterion rows) x 192 x 4 B (float32)" in capsys.readouterr().out
-    assert (7, 7) not in last_block[7:]          # after the build (1 + 6 batches), no train step ran a frozen block
+    assert last_block[:6] == [(7, 7)] * 6 and (7, 7) not in last_block[6:]   # the build (1 + 5 batches), then
+    # no train step ran a frozen block (validation, 48 px: 6 x 6)
     assert_same_run(str(tmp_path / "a"), str(live_runs / "seed0"), differ=("feature_cache_crit",))
 
 
@@ -324,8 +325,9 @@ def test_processes_of_a_job_each_write_their_shards_and_all_read_every_row(tmp_p
     cache = tmp_path / "c"
     torch.multiprocessing.spawn(_cache_worker, args=(2, str(tmp_path / "init"), str(cache), str(tmp_path)), nprocs=2)
     parts = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    # shards of 4 crops (2 batches of the 2 crops each process takes of a global batch of 4)
     assert parts[0]["wrote"] == ["shard-00000.bin", "shard-00002.bin", "shard-00004.bin"]
-    assert parts[1]["wrote"] == ["shard-00001.bin", "shard-00003.bin", "shard-00005.bin"]
+    assert parts[1]["wrote"] == ["shard-00001.bin", "shard-00003.bin"]
     ref = reference_rows(demo_backbone(), ppap.SyntheticDataset("train", 56, N_TRAIN))
     assert torch.equal(parts[0]["rows"], ref) and torch.equal(parts[1]["rows"], ref)
     ppap.open_feature_cache(cache_cfg(cache), demo_backbone(), ppap.SyntheticDataset("train", 56, N_TRAIN), "cpu")
