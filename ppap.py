@@ -2625,11 +2625,11 @@ def _remove_folder(path: str) -> None:
         shutil.rmtree(gone, ignore_errors=True)
 
 
-def _cache_plan(root: str, key: dict, cfg: Config, backbone: nn.Module, train_set, device,
-                unlocked: str | None = None) -> dict:
+def _cache_plan(root: str, cfg: Config, backbone: nn.Module, train_set, device, unlocked: str | None = None) -> dict:
     """Rank 0, holding DIR's lock: read the complete cache when its key matches, else say why and plan the
     build (resuming an interrupted one of the same key), its size printed and checked against the disk.
     Without the lock (`unlocked` says why) a matching complete cache is read, and nothing is written."""
+    key = feature_cache_key(cfg, backbone, train_set, device)
     complete, building = os.path.join(root, "complete"), os.path.join(root, "building")
     done = _read_json(os.path.join(complete, "DONE.json"))
     why = "it holds no complete cache"
@@ -2653,7 +2653,7 @@ def _cache_plan(root: str, key: dict, cfg: Config, backbone: nn.Module, train_se
         layout = started["layout"]
     else:
         if os.path.exists(building):
-            print(f"feature cache {root}: discarding an interrupted build for another key", flush=True)
+            print(f"feature cache {root}: discarding an interrupted build that is not for this key", flush=True)
             _remove_folder(building)
         layout = _cache_layout(cfg, backbone, train_set, device)
         os.makedirs(building)
@@ -2684,6 +2684,8 @@ def _build_shards(root: str, plan: dict, cfg: Config, backbone: nn.Module, train
     whole to a temporary name and renamed."""
     layout, building = plan["layout"], os.path.join(root, "building")
     mine = [k for k in plan["todo"] if k % world_size() == dist_rank()]
+    if not mine:
+        return
     bs, rows, stored = cfg.batch_size // world_size(), layout["shard_rows"], _CACHE_DTYPES[layout["stored"]]
     batches = [list(range(a, min(a + bs, k * rows + _shard_rows(layout, k))))
                for k in mine for a in range(k * rows, k * rows + _shard_rows(layout, k), bs)]
@@ -2797,8 +2799,7 @@ def open_feature_cache(cfg: Config, backbone: nn.Module, train_set, device) -> "
                         f"contract); {cfg.arch} has not both: run without --feature-cache")
     root = os.path.abspath(cfg.feature_cache)
     with _cache_lock(root) as unlocked:
-        key = feature_cache_key(cfg, backbone, train_set, device) if dist_rank() == 0 else None
-        plan = _on_rank0(_cache_plan, root, key, cfg, backbone, train_set, device, unlocked)
+        plan = _on_rank0(_cache_plan, root, cfg, backbone, train_set, device, unlocked)
         built = "build" in plan
         if built:
             _build_shards(root, plan["build"], cfg, backbone, train_set, device)

@@ -404,11 +404,11 @@ def case_cache(spec: dict) -> dict:
                     times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(config=spec["config"], arch=f"{cfg.arch}/{cfg.patch}", img_size=cfg.img_size, batch=B,
-                crops=len(data), computed_crops=computed, shard_rows=lay["shard_rows"], times_s=times, median_s=med, build_s=build_s, read_ms=1e3 * statistics.median(read_s),
-                exact_same_batch=exact_same, exact_half_batch=exact_half, max_diff_half_batch=max_diff_half,
-                rounding=rounding,
-                amp_dtype=str(amp).removeprefix("torch.") if amp is not None else "fp32", threads=torch.get_num_threads(),
-                small_op_ms=probe)
+                crops=len(data), computed_crops=computed, shard_rows=lay["shard_rows"], times_s=times, median_s=med,
+                build_s=build_s, read_ms=1e3 * statistics.median(read_s), exact_same_batch=exact_same,
+                exact_half_batch=exact_half, max_diff_half_batch=max_diff_half, rounding=rounding,
+                amp_dtype=str(amp).removeprefix("torch.") if amp is not None else "fp32",
+                threads=torch.get_num_threads(), small_op_ms=probe)
 
 
 def bench_cache(args, results: dict) -> None:
@@ -417,9 +417,9 @@ def bench_cache(args, results: dict) -> None:
         r = run_case(dict(kind="cache", config=config, device=args.device, batch=args.batch, warmup=args.warmup,
                           repeats=args.step_repeats, amp_dtype=args.amp_dtype, threads=args.threads))
         med = r["median_s"]
-        print(f"\ncache {config}: {r['arch']}, {r['img_size']} px, batch {r['batch']}, {args.device} ({r['amp_dtype']}, "
-              f"{r['threads']} threads), one process, steps interleaved, median of {args.step_repeats} after "
-              f"{args.warmup} warm-up")
+        print(f"\ncache {config}: {r['arch']}, {r['img_size']} px, batch {r['batch']}, {args.device} "
+              f"({r['amp_dtype']}, {r['threads']} threads), one process, steps interleaved, median of "
+              f"{args.step_repeats} after {args.warmup} warm-up")
         contention_note(args.device, r)
         live_crop = med["live"] / r["batch"]
         print(f"  first pass: {r['build_s']['tokens']:.1f} s for {r['crops']} crops "

@@ -278,7 +278,8 @@ def dies_in_the_third_shard(path, write):
 ppap.atomic_write = dies_in_the_third_shard
 cfg = ppap.make_config({{"data": "synthetic", "img_size": 56, "batch_size": 4, "num_workers": 0, "progress": False,
                         "feature_cache": {cache!r}}})
-ppap.open_feature_cache(cfg, ppap.new_backbone("vit_tiny_demo", 8).eval(), ppap.SyntheticDataset("train", 56, 18), "cpu")
+backbone = ppap.new_backbone("vit_tiny_demo", 8).eval()
+ppap.open_feature_cache(cfg, backbone, ppap.SyntheticDataset("train", 56, 18), "cpu")
 """
 
 
