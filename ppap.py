@@ -6,7 +6,7 @@ One file, read top to bottom: the method first, the machinery after it.
                 -> proxy anchor propagation and the PPAP loss -> the train step -> the training loop
                 -> the evaluation protocol (metrics, evaluate)
     MACHINERY   DINOv2 details -> backbone registry and weights -> datasets and the five-crop set
-                -> checkpoints and run directories -> several processes (torchrun) -> CLI
+                -> checkpoints and run directories -> several processes (torchrun) -> the feature cache -> CLI
 
     python ppap.py --data synthetic            # offline demo on CPU, a few minutes
     python ppap.py --data cocostuff            # the paper's default preset (ViT-S/8), one GPU
@@ -134,6 +134,13 @@ class Config:
     run: str = _f("", "run directory (--run-dir; --run with plain python); empty = runs/<data>_<arch><patch>_<time>")
     resume: str = _f("", "a run directory (or its last.pt) to continue exactly")
     progress: bool = _f(True, "progress bars")
+    feature_cache: str = _f("", "a folder for the frozen backbone's output of every train crop: computed once, "
+                            "then read by every later epoch and run with the same backbone, data and size "
+                            "(empty = off; README, Feature cache)")
+    feature_cache_dtype: str = _f("exact", "exact (the head's input as the live path has it: fp32, also under "
+                                  "autocast) | fp16 | bf16 (half the space; changes the results slightly)")
+    feature_cache_crit: bool = _f(False, "the feature cache also stores the criterion features: twice the space, "
+                                  "and a step runs no frozen block at all (the last one otherwise)")
 
 
 # The authors' presets (their json/server/*.json), by (--data, --arch, --patch). A dataset or backbone without
@@ -269,6 +276,12 @@ def check_config(cfg: Config) -> None:
         raise PPAPError(f"--group {cfg.group} is not divisible by --trainpatchsplit {cfg.trainpatchsplit}")
     if not 0 <= cfg.crop_quality <= 100:
         raise PPAPError(f"--crop-quality must be 0 (Pillow's defaults) or 1-100, not {cfg.crop_quality}")
+    if cfg.feature_cache_dtype not in FEATURE_CACHE_DTYPES:
+        raise PPAPError(f"--feature-cache-dtype must be {' | '.join(FEATURE_CACHE_DTYPES)}, not "
+                        f"{cfg.feature_cache_dtype!r}")
+    if cfg.feature_cache_dtype != "exact" and not cfg.feature_cache:
+        raise PPAPError(f"--feature-cache-dtype {cfg.feature_cache_dtype} changes what the head receives, which "
+                        f"only a --feature-cache DIR stores; add one, or use --feature-cache-dtype exact")
 
 # ==== THE BACKBONE CONTRACT, AND DINO's ViT (frozen) ====
 # PPAP needs four things of a frozen backbone, and touches nothing else of it:
@@ -277,6 +290,9 @@ def check_config(cfg: Config) -> None:
 #                                x [B,3,H,W] normalised (sides multiples of patch_size) -> the input of the
 #                                trainable head (any shape) and the criterion features crit [B,D,h,w]; called
 #                                under torch.no_grad()
+#   optional: trunk(x) -> head_in and crit_features(head_in, (h, w)) -> crit, the two halves of features
+#                                (the same operations); --feature-cache needs them: it stores trunk(x) (and
+#                                crit) once per train crop, and PPAP.forward takes them precomputed
 #   make_head() -> nn.Module     the trainable head, initialised from the backbone (DINO: a copy of its last block)
 #   code(head_out, (h, w)) -> [B,D,h,w]
 #                                the training branch's code from the head's output (DINO: the frozen final
@@ -433,9 +449,7 @@ class VisionTransformer(nn.Module):
     def tokens(self, x):
         """[B,3,H,W] -> (t after the penultimate block, norm(t after the last block)), both
         [B, n_prefix + h*w, D]."""
-        t = self.prepare_tokens(x)
-        for blk in self.blocks[:-1]:
-            t = blk(t)
+        t = self.trunk(x)
         return t, self.norm(self.blocks[-1](t))
 
     def forward(self, x):
@@ -446,8 +460,21 @@ class VisionTransformer(nn.Module):
         """-> (tokens before the last block [B, n_prefix + h*w, D]: the head's input; the criterion features,
         norm(last block) of the patch tokens [B,D,h,w]). The head sees every token, CLS and registers
         included, as the last block does; code and crit keep the patch tokens only."""
-        t, c = self.tokens(x)
-        return t, self._grid(c, (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size))
+        t = self.trunk(x)
+        return t, self.crit_features(t, (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size))
+
+    def trunk(self, x):
+        """features' first half: [B,3,H,W] -> the head's input, the tokens after the penultimate block (what
+        --feature-cache stores: every frozen block but the last)."""
+        t = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+        return t
+
+    def crit_features(self, t, grid):
+        """features' second half: the head's input -> the criterion features [B,D,h,w] (the frozen last
+        block and final norm, patch tokens only)."""
+        return self._grid(self.norm(self.blocks[-1](t)), grid)
 
     def make_head(self) -> nn.Module:
         """The trainable head: a copy of the last block, starting from its pretrained weights (no random draw)."""
@@ -555,17 +582,24 @@ class PPAP(nn.Module):
         self.backbone.eval()           # frozen: never in training mode (it has no dropout, but be explicit)
         return self
 
-    def forward(self, x, crit_keep: torch.Tensor | None = None, probes: bool = False):
+    def forward(self, x, crit_keep: torch.Tensor | None = None, probes: bool = False,
+                head_in: torch.Tensor | None = None, crit: torch.Tensor | None = None):
         """x normalised [B,3,H,W] -> {'code' [B,D,h,w], 'z' [B*h*w,D] unit rows, 'crit' [B,D,h,w]};
         h = patch_grid(H, p): a side that is not a multiple of the patch is resized first (fit_to_patch).
 
         crit_keep [B,D]: the criterion dropout in training (crit_dropout_mask); None leaves crit as is.
         probes: also the probes' outputs on the detached code (training: the probes learn inside the same
         forward call, as DistributedDataParallel needs): 'linear_logits' [B,C,h,w], 'cluster_scores' a list
-        of [B,K,h,w], one per cluster probe."""
+        of [B,K,h,w], one per cluster probe.
+        head_in, crit: the backbone's trunk(x) and crit_features, already computed (--feature-cache); with
+        head_in alone the frozen backbone runs only crit_features, with both nothing."""
         x = fit_to_patch(x, self.patch_size)
         with torch.no_grad():
-            head_in, crit = self.backbone.features(x)
+            if head_in is None:
+                head_in, crit = self.backbone.features(x)
+            elif crit is None:
+                crit = self.backbone.crit_features(head_in, (x.shape[-2] // self.patch_size,
+                                                             x.shape[-1] // self.patch_size))
         if crit_keep is not None:
             crit = crit * crit_keep.to(crit.device, crit.dtype)[:, :, None, None]
         code = self.backbone.code(self.head(head_in), crit.shape[-2:])
@@ -860,8 +894,10 @@ def train_step(model, batch, opts, scaler, cfg: Config, device, criterion, gener
         o.zero_grad(set_to_none=True)
     dtype = amp_dtype(cfg, device)
     keep = my_rows(crit_dropout_mask(img.shape[0] * world_size(), core.dim, generator))
+    # --feature-cache: the frozen backbone's output for these crops, read from the cache (CachedTrunkSet)
+    cached = {k: batch[k].to(device, non_blocking=True) for k in ("head_in", "crit") if k in batch}
     with autocast(device, dtype):
-        out = model(img, crit_keep=keep, probes=True)
+        out = model(img, crit_keep=keep, probes=True, **cached)
         linear_sum, n_labelled, clusters = probe_losses(out, label, core.n_classes)
     linear = linear_sum / all_sum(n_labelled.float()).clamp(min=1)
     clusters = clusters / world_size()
@@ -1024,6 +1060,8 @@ def start_run(cfg: Config, ckpt: dict | None, device: torch.device) -> Run:
               f"; {world_size()} processes, {cfg.batch_size // world_size()} images each per step"
               if world_size() > 1 else ""))
 
+    if cfg.feature_cache:        # every train crop's frozen trunk output, computed once (open_feature_cache)
+        train_set = open_feature_cache(cfg, core.backbone, train_set, device)
     steps_per_epoch = len(train_set) // cfg.batch_size
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -2840,12 +2878,412 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every process's rows of x, concatenated in rank order (x itself in one process), with gradient."""
     return _GatherRows.apply(x) if world_size() > 1 else x
 
+# ==== SUPPORT: the feature cache (--feature-cache): the frozen backbone once per train crop ====
+# The backbone is frozen and a train crop is always the same tensor (resize and centre crop, no random
+# augmentation: the authors' loop reads data['img'] only), so what the frozen blocks make of a crop is the same
+# at every epoch and in every run with the same backbone, data and size. --feature-cache DIR computes it once:
+# before training, one pass writes every train crop's trunk(x) (the tokens that enter the trainable head;
+# with --feature-cache-crit also its criterion features) to memory-mapped shards; every later epoch and run
+# with the same key reads them, and the step runs only the criterion's frozen last block (crit_features; no
+# frozen block at all with --feature-cache-crit) and the trained modules. Exact by default: a stored row is
+# what the live path computes, in its dtype (DINO's residual stream is fp32, also under autocast). The pass
+# runs in batches of the run's per-process batch size, the last batch padded with its own crops, so
+# that the kernels see the shapes of the live step.
+#   DIR/lock         flock: one builder at a time; another run waits for it, then reads
+#   DIR/complete/    DONE.json (the key and the layout) and shard-<k>.bin: raw [rows, record, width] arrays,
+#                    crop i in shard i // rows, row i % rows; a record is the crop's tokens, then (with
+#                    --feature-cache-crit) its criterion features, patch by patch
+#   DIR/building/    a build in progress: key.json, and whole shards only (each written to a temporary name,
+#                    then renamed); renamed to complete/ once every shard is there, so a cache cut short is
+#                    never read: the next run with the same key keeps its whole shards and builds the rest
+# Under torchrun every process builds its share of the shards (shard k: rank k % world) and reads them all.
+
+FEATURE_CACHE_DTYPES = ("exact", "fp16", "bf16")
+FEATURE_CACHE_FORMAT = 1
+FEATURE_SHARD_BYTES = 1 << 30     # shards of ~1 GiB: a killed build loses at most one per process
+FEATURE_MIN_SHARDS = 8            # and at least 8 shards, which the processes of a job share
+FEATURE_LOCK_POLL_S = 2.0         # a run waiting for another's build looks again after this long
+_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
+# numpy has no bfloat16: its rows are stored as their raw 16 bits
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "float64": np.float64}
+# the key's fields, as a rebuilt cache names what changed
+_KEY_NAMES = {"format": "the cache format", "numerics": "the torch version or device type",
+              "backbone": "the backbone", "weights_sha1": "the backbone weights", "data": "the train set",
+              "files_sha1": "the train file list (names, sizes or modification times)",
+              "crops": "the number of crops", "img_size": "the image size", "crop": "the crop mode",
+              "autocast": "the autocast precision", "dtype": "--feature-cache-dtype",
+              "crit": "--feature-cache-crit"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def backbone_digest(backbone: nn.Module) -> str:
+    """sha1 of the backbone's state dict (names, shapes, dtypes, bytes): the weights the cache was computed
+    with, whichever file or seed they came from."""
+    h = hashlib.sha1()
+    for k, v in backbone.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def train_set_identity(dataset) -> dict:
+    """What the train crops are: the demo's procedural set by its split; a set of files (RealSegDataset: the
+    five-crop sets, Potsdam, ImageNet-S, any dataset with a `pairs` file list) by its reader and the names,
+    sizes and modification times of its files (_sources_digest, as the five-crop set)."""
+    if isinstance(dataset, SyntheticDataset):
+        return {"data": f"synthetic {dataset.split}", "files_sha1": "procedural", "crop": "procedural"}
+    pairs = getattr(dataset, "pairs", None)
+    if pairs is None:
+        raise PPAPError(f"--feature-cache cannot key a train set of type {type(dataset).__name__} (it has no file "
+                        f"list `pairs`); run without --feature-cache")
+    read = getattr(getattr(dataset, "read", None), "__name__", "?")
+    return {"data": f"{getattr(dataset, 'name', '?')} read by {read}", "files_sha1": _sources_digest(pairs),
+            "crop": "resize + centre crop"}
+
+
+def feature_cache_key(cfg: Config, backbone: nn.Module, train_set, device) -> dict:
+    """What the stored records depend on; a cache whose key differs in any field is rebuilt, naming the field.
+    The torch version and the device type are in it because kernels differ in their last bits between them;
+    the GPU model and the batch size are not (README, Feature cache)."""
+    amp = amp_dtype(cfg, device)
+    return {"format": FEATURE_CACHE_FORMAT, "numerics": f"torch {torch.__version__}, {torch.device(device).type}",
+            "backbone": f"{cfg.arch}/{cfg.patch}", "weights_sha1": backbone_digest(backbone),
+            **train_set_identity(train_set), "crops": len(train_set),
+            "img_size": int(getattr(train_set, "size", cfg.img_size)),
+            "autocast": _dtype_name(amp) if amp is not None else "off", "dtype": cfg.feature_cache_dtype,
+            "crit": bool(cfg.feature_cache_crit)}
+
+
+def _key_change(old, new: dict) -> str:
+    """Why a cache with key `old` cannot serve `new`: '' when it can."""
+    if not isinstance(old, dict):
+        return "it has no readable key"
+    return ", ".join(f"{_KEY_NAMES.get(k, k)} changed ({str(old.get(k))[:12]} -> {str(v)[:12]})"
+                     for k, v in new.items() if old.get(k) != v)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.bin"
+
+
+def _shard_rows(layout: dict, k: int) -> int:
+    return min(layout["shard_rows"], layout["crops"] - k * layout["shard_rows"])
+
+
+def _shard_bytes(layout: dict, k: int) -> int:
+    return _shard_rows(layout, k) * layout["record"] * layout["dim"] * layout["itemsize"]
+
+
+def _whole_shards(folder: str, layout: dict) -> list[int]:
+    """The shards of `folder` that exist with their full size."""
+    def whole(k):
+        try:
+            return os.path.getsize(os.path.join(folder, _shard_name(k))) == _shard_bytes(layout, k)
+        except OSError:
+            return False
+    return [k for k in range(layout["shards"]) if whole(k)]
+
+
+def _cache_records(cfg: Config, backbone: nn.Module, img: torch.Tensor, device) -> torch.Tensor:
+    """A batch of crops -> their records [B, tokens (+ h*w), D], computed as the step computes them (fit_to_patch,
+    autocast, no_grad): trunk(x), then with --feature-cache-crit the criterion features, patch by patch."""
+    x = fit_to_patch(img, backbone.patch_size)
+    with torch.no_grad(), autocast(device, amp_dtype(cfg, device)):
+        t = backbone.trunk(x)
+        if not cfg.feature_cache_crit:
+            return t
+        c = backbone.crit_features(t, (x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size))
+    if c.dtype != t.dtype:
+        raise PPAPError(f"--feature-cache-crit stores the tokens and the criterion features in one dtype; "
+                        f"{cfg.arch} gives {t.dtype} and {c.dtype}: run without --feature-cache-crit")
+    return torch.cat([t, c.permute(0, 2, 3, 1).reshape(c.shape[0], -1, c.shape[1])], dim=1)
+
+
+def _cache_layout(cfg: Config, backbone: nn.Module, train_set, device) -> dict:
+    """The record of one crop (one crop through the backbone: tokens, width, dtype) and the shards."""
+    img = train_set[0]["img"][None].to(device)
+    rec = _cache_records(cfg, backbone, img, device)
+    if rec.dim() != 3:
+        raise PPAPError(f"--feature-cache stores token sequences [B,T,D]; {cfg.arch}'s trunk gives a "
+                        f"{rec.dim()}-d tensor")
+    grid = [patch_grid(s, backbone.patch_size) for s in img.shape[-2:]] if cfg.feature_cache_crit else [0, 0]
+    live = _dtype_name(rec.dtype)
+    stored = {"exact": live, "fp16": "float16", "bf16": "bfloat16"}[cfg.feature_cache_dtype]
+    if live not in _CACHE_DTYPES:
+        raise PPAPError(f"--feature-cache cannot store the backbone's {live} output")
+    itemsize = torch.empty(0, dtype=_CACHE_DTYPES[stored]).element_size()
+    n, per_crop, bs = len(train_set), rec.shape[1] * rec.shape[2] * itemsize, cfg.batch_size // world_size()
+    rows = max(1, min(FEATURE_SHARD_BYTES // per_crop, -(-n // FEATURE_MIN_SHARDS)))
+    rows = -(-rows // bs) * bs              # whole batches: only the last shard ends in a padded one
+    return {"crops": n, "record": rec.shape[1], "tokens": rec.shape[1] - grid[0] * grid[1], "crit_grid": grid,
+            "dim": rec.shape[2], "live_dtype": live, "stored": stored, "itemsize": itemsize, "shard_rows": rows,
+            "shards": -(-n // rows)}
+
+
+def _remove_folder(path: str) -> None:
+    """Renamed first, then deleted: another run reading its files keeps them (open files outlive the name)."""
+    if os.path.exists(path):
+        gone = f"{path}.stale-{os.getpid()}"
+        os.rename(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+def _cache_plan(root: str, cfg: Config, backbone: nn.Module, train_set, device, unlocked: str | None = None) -> dict:
+    """Rank 0, holding DIR's lock: read the complete cache when its key matches, else say why and plan the
+    build (resuming an interrupted one of the same key), its size printed and checked against the disk.
+    Without the lock (`unlocked` says why) a matching complete cache is read, and nothing is written."""
+    key = feature_cache_key(cfg, backbone, train_set, device)
+    complete, building = os.path.join(root, "complete"), os.path.join(root, "building")
+    done = _read_json(os.path.join(complete, "DONE.json"))
+    why = "it holds no complete cache"
+    if done is not None or os.path.exists(complete):
+        why = _key_change((done or {}).get("key"), key)
+        if not why:
+            cut = sorted(set(range(done["layout"]["shards"])) - set(_whole_shards(complete, done["layout"])))
+            if not cut:
+                return {"read": done}
+            why = f"{_shard_name(cut[0])} is missing or cut short"
+    if unlocked:
+        raise PPAPError(f"feature cache {root}: {unlocked}, so it can only be read, and {why}")
+    for e in os.scandir(root):
+        if ".stale-" in e.name:                  # what a run killed while removing a folder left
+            shutil.rmtree(e.path, ignore_errors=True)
+    if os.path.exists(complete):
+        print(f"feature cache {root}: rebuilt: {why}", flush=True)
+        _remove_folder(complete)
+    started = _read_json(os.path.join(building, "key.json"))
+    if started is not None and started.get("key") == key:
+        layout = started["layout"]
+    else:
+        if os.path.exists(building):
+            print(f"feature cache {root}: discarding an interrupted build that is not for this key", flush=True)
+            _remove_folder(building)
+        layout = _cache_layout(cfg, backbone, train_set, device)
+        os.makedirs(building)
+        atomic_write(os.path.join(building, "key.json"), lambda p: write_json(p, {"key": key, "layout": layout}))
+    for e in os.scandir(building):
+        if ".tmp" in e.name:                     # a killed builder's shard in the making
+            os.remove(e.path)
+    whole = set(_whole_shards(building, layout))
+    todo = [k for k in range(layout["shards"]) if k not in whole]
+    need = sum(_shard_bytes(layout, k) for k in todo)
+    total = sum(_shard_bytes(layout, k) for k in range(layout["shards"]))
+    free = shutil.disk_usage(building).free
+    hw = layout["record"] - layout["tokens"]
+    print(f"feature cache {root}: {layout['crops']} crops x "
+          + (f"({layout['tokens']} tokens + {hw} criterion rows)" if hw else f"{layout['tokens']} tokens")
+          + f" x {layout['dim']} x {layout['itemsize']} B ({layout['stored']}) = {_gb(total)} in "
+          f"{layout['shards']} shards" + (f"; resuming an interrupted build, {len(whole)} shards whole" if whole
+                                          else "") + f"; writing {_gb(need)}, {_gb(free)} free", flush=True)
+    if need > free:
+        raise PPAPError(f"the feature cache needs {_gb(need)} more in {root}, which has {_gb(free)} free; free "
+                        f"space, use --feature-cache-dtype fp16 (half), another --feature-cache DIR, or none")
+    return {"build": {"key": key, "layout": layout, "todo": todo}}
+
+
+def _build_shards(root: str, plan: dict, cfg: Config, backbone: nn.Module, train_set, device) -> None:
+    """This process's share of the missing shards: the records of their crops in file order, in batches of
+    the run's per-process batch size (the last shard's last batch padded with its own crops); each shard written
+    whole to a temporary name and renamed."""
+    layout, building = plan["layout"], os.path.join(root, "building")
+    mine = [k for k in plan["todo"] if k % world_size() == dist_rank()]
+    if not mine:
+        return
+    bs, rows, stored = cfg.batch_size // world_size(), layout["shard_rows"], _CACHE_DTYPES[layout["stored"]]
+    batches = [list(range(a, min(a + bs, k * rows + _shard_rows(layout, k))))
+               for k in mine for a in range(k * rows, k * rows + _shard_rows(layout, k), bs)]
+    # a private generator: the workers' seeds must not be drawn from the global RNG the run goes on with
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=loader_workers(cfg),
+                                         pin_memory=torch.device(device).type == "cuda",
+                                         generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    bar = tqdm(total=sum(_shard_rows(layout, k) for k in mine), desc=f"feature cache -> {root}", unit="crop",
+               dynamic_ncols=True, disable=not cfg.progress or dist_rank() != 0)
+
+    def write_shard(k, path):
+        with open(path, "wb") as f:
+            left = _shard_rows(layout, k)
+            while left:
+                img = next(it)["img"].to(device, non_blocking=True)
+                n = img.shape[0]
+                rec = _cache_records(cfg, backbone, img[torch.arange(bs) % n], device)[:n]
+                if tuple(rec.shape[1:]) != (layout["record"], layout["dim"]) or \
+                        _dtype_name(rec.dtype) != layout["live_dtype"]:
+                    raise PPAPError(f"the backbone gave {tuple(rec.shape[1:])} {rec.dtype} records, not the "
+                                    f"{layout['record']}x{layout['dim']} {layout['live_dtype']} of crop 0")
+                rec = rec.to(stored).cpu()
+                f.write((rec.view(torch.int16) if stored == torch.bfloat16 else rec).numpy().tobytes())
+                left -= n
+                bar.update(n)
+            f.flush()
+            os.fsync(f.fileno())             # the rename must not outlive its data (a crash of the machine)
+
+    try:
+        for k in mine:
+            atomic_write(os.path.join(building, _shard_name(k)), functools.partial(write_shard, k))
+    except OSError as e:
+        raise PPAPError(f"cannot write the feature cache {building}: {e.strerror or e} (disk full?); the next run "
+                        f"keeps its whole shards") from None
+    finally:
+        bar.close()
+
+
+def _finish_build(root: str, plan: dict, batch: int) -> dict:
+    """Rank 0, every process's shards written: DONE.json, then building/ becomes complete/."""
+    building, complete = os.path.join(root, "building"), os.path.join(root, "complete")
+    layout = plan["layout"]
+    missing = sorted(set(range(layout["shards"])) - set(_whole_shards(building, layout)))
+    if missing:
+        raise PPAPError(f"feature cache {root}: {_shard_name(missing[0])} was not written; rerun to complete it")
+    done = {"key": plan["key"], "layout": layout, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "processes": world_size(), "batch_per_process": batch}
+    atomic_write(os.path.join(building, "DONE.json"), lambda p: write_json(p, done, indent=1))
+    os.rename(building, complete)
+    return done
+
+
+def _on_rank0(fn, *args):
+    """fn(*args) in rank 0, its result (or its error, as one line) in every process."""
+    result = None
+    if dist_rank() == 0:
+        try:
+            result = fn(*args)
+        except PPAPError as e:
+            result = {"error": str(e)}
+        except OSError as e:
+            result = {"error": f"cannot write the feature cache: {e.strerror or e} ({e.filename})"}
+    result = from_rank0(result)
+    if "error" in result:
+        raise PPAPError(result["error"])
+    return result
+
+
+@contextlib.contextmanager
+def _cache_lock(root: str):
+    """DIR's lock, held by rank 0 while the job checks, builds and opens the cache; rank 0 polls it, so that
+    the job's other processes wait in short collectives, never in one that could time out. Yields None, or
+    why DIR cannot be locked (a read-only folder, a file system without locks): then it can only be read."""
+    lock, unlocked = None, None
+    if dist_rank() == 0:
+        try:
+            os.makedirs(root, exist_ok=True)
+            lock = open(os.path.join(root, "lock"), "a")
+        except OSError as e:
+            unlocked = f"cannot write {root} ({e.strerror or e})"
+    said = False
+    try:
+        while True:
+            state = "locked"
+            if lock is not None and fcntl is not None:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    state = "busy"
+                except OSError as e:
+                    unlocked = f"cannot lock {root}/lock ({e.strerror or e})"
+            state = from_rank0(unlocked or state)
+            if state != "busy":
+                break
+            if not said:
+                print(f"feature cache {root}: another run is building it; waiting", flush=True)
+                said = True
+            time.sleep(FEATURE_LOCK_POLL_S)
+        yield None if state == "locked" else state
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def open_feature_cache(cfg: Config, backbone: nn.Module, train_set, device) -> "CachedTrunkSet":
+    """--feature-cache: the train set whose items carry their crop's cached backbone output, building the cache
+    first when DIR has none for this key (one for another key is replaced, and one line says why)."""
+    if not (callable(getattr(backbone, "trunk", None)) and callable(getattr(backbone, "crit_features", None))):
+        raise PPAPError(f"--feature-cache needs a backbone with trunk() and crit_features() (the backbone "
+                        f"contract); {cfg.arch} has not both: run without --feature-cache")
+    root = os.path.abspath(cfg.feature_cache)
+    with _cache_lock(root) as unlocked:
+        plan = _on_rank0(_cache_plan, root, cfg, backbone, train_set, device, unlocked)
+        built = "build" in plan
+        if built:
+            _build_shards(root, plan["build"], cfg, backbone, train_set, device)
+            barrier()
+            done = _on_rank0(_finish_build, root, plan["build"], cfg.batch_size // world_size())
+        else:
+            done = plan["read"]
+            print(f"feature cache {root}: reusing {done['layout']['crops']} crops ({done['layout']['stored']}, "
+                  f"built {done.get('built', '?')}): no backbone forward over the train set", flush=True)
+        dataset = CachedTrunkSet(train_set, os.path.join(root, "complete"), done)
+        barrier()                  # every process has its files open before another run may replace them
+    if built:
+        print(f"feature cache {root}: built; later epochs and runs read it", flush=True)
+    return dataset
+
+
+class CachedTrunkSet(torch.utils.data.Dataset):
+    """The train set, each item with its crop's backbone output from the cache, in the dtypes the live path
+    has: 'head_in' [T,D] (train_step hands it to PPAP.forward) and, with --feature-cache-crit, 'crit' [D,h,w].
+    Opening checks DONE.json and maps every shard; a DataLoader worker that is not forked from this process
+    maps them again and checks that they are the same files."""
+
+    def __init__(self, dataset, folder: str, done: dict):
+        self.dataset, self.folder, self.done = dataset, folder, done
+        self.n_classes, self.class_names = dataset.n_classes, dataset.class_names
+        if _read_json(os.path.join(folder, "DONE.json")) != done:
+            raise PPAPError(f"the feature cache {folder} changed while it was opened; rerun")
+        lay = done["layout"]
+        self.files = [(os.path.join(folder, _shard_name(k)), _shard_rows(lay, k)) for k in range(lay["shards"])]
+        self.inodes = [os.stat(p).st_ino for p, _ in self.files]
+        self._maps = self._open()
+
+    def _open(self) -> list:
+        lay, maps = self.done["layout"], []
+        for (path, rows), inode in zip(self.files, self.inodes):
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_ino != inode:
+                    raise PPAPError(f"the feature cache {self.folder} was replaced by another run while this one "
+                                    f"trained; rerun")
+                maps.append(np.memmap(f, dtype=_NUMPY_DTYPES[lay["stored"]], mode="r",
+                                      shape=(rows, lay["record"], lay["dim"])))
+        return maps
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": None}       # a worker maps the files itself, never pickles their bytes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if self._maps is None:
+            self._maps = self._open()
+        lay = self.done["layout"]
+        item = dict(self.dataset[i])
+        rec = torch.from_numpy(np.array(self._maps[i // lay["shard_rows"]][i % lay["shard_rows"]]))
+        if lay["stored"] == "bfloat16":
+            rec = rec.view(torch.bfloat16)
+        rec = rec.to(_CACHE_DTYPES[lay["live_dtype"]])
+        item["head_in"] = rec[:lay["tokens"]]
+        if lay["record"] > lay["tokens"]:
+            item["crit"] = rec[lay["tokens"]:].reshape(*lay["crit_grid"], lay["dim"]).permute(2, 0, 1)
+        return item
+
+
 # ==== CLI ====
 
 # What a continued run may change: where and how it executes, how long it runs and how often it is
-# validated. Everything else is the run's own configuration and is refused with --resume.
+# validated. Everything else is the run's own configuration and is refused with --resume. --feature-cache
+# DIR is where: an exact cache feeds the head what the live path does; --feature-cache-dtype and
+# --feature-cache-crit are not (with fp16 or bf16 they decide what the head and the criterion receive).
 RESUME_FLAGS = ("resume", "max_steps", "epochs", "device", "num_workers", "crop_workers", "progress", "data_dir",
-                "val_every", "val_limit")
+                "val_every", "val_limit", "feature_cache")
 
 
 # torchrun parses the whole command line before the script gets it and takes any flag that abbreviates one

@@ -1,6 +1,6 @@
 """Benchmarks of PPAP's loss and training step against the authors' implementation choices (run by hand).
 
-    python tests/benchmarks.py [--device cpu|cuda] [--only loss,step] [--json OUT]
+    python tests/benchmarks.py [--device cpu|cuda] [--only loss,step,mem64,loader,cache] [--json OUT]
                                [--loss-batch 8] [--batch B] [--amp-dtype fp16|bf16] [--profile]
 
 Every ratio is taken against a baseline measured by this same invocation on the same machine:
@@ -17,6 +17,17 @@ Every ratio is taken against a baseline measured by this same invocation on the 
         ours = ppap.train_step (fused SDPA attention, ppap_loss, the preset's AMP on CUDA);
         baseline = tests/baseline_authors.py (explicit softmax attention, reference loss, same AMP).
         Step time (median), images/s and peak memory.
+  cache ppap.py --feature-cache (issue #23) in one process: the training step with the frozen backbone live,
+        with the cached trunk output (--feature-cache) and with the cached criterion features too
+        (--feature-cache-crit), steps interleaved on one model (machine load hits the three alike); the
+        ratios are the later epochs' step speed-ups. Two configurations: the demo (vit_tiny_demo/8, 112 px,
+        batch 16) and the COCO ViT-S/8 preset (224 px, --batch images, random weights). The cache is built
+        by ppap.open_feature_cache over --batch x (warm-up + repeats) procedural crops in a temporary folder
+        (build time per crop printed; rows are then read from the page cache, whose read time is printed
+        apart); exactness: the cached rows against the live trunk on a shuffled batch of the same size and
+        on batches of half the size (bitwise). --feature-cache-dtype fp16/bf16: the step's losses at the same
+        weights on the same crops with the rows rounded as such a cache stores them (tests/test_feature_cache.py
+        checks that it stores exactly that), against the exact rows.
 
 Each case runs in a fresh subprocess. Memory: on CUDA, torch.cuda.max_memory_allocated minus
 memory_allocated after setup (reset_peak_memory_stats first). On CPU, peak RSS growth over the RSS after
@@ -30,6 +41,7 @@ faster and >= 10x less peak memory than the reference; the verdict printed requi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -280,6 +292,158 @@ def case_step(spec: dict) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ cache
+
+
+class _MemoSynthetic(ppap.SyntheticDataset):
+    """The procedural train set, each crop generated once (the timed steps reuse them); still a
+    SyntheticDataset, which is what the cache's key knows."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.memo = {}
+
+    def __getitem__(self, i):
+        if i not in self.memo:
+            self.memo[i] = super().__getitem__(i)
+        return self.memo[i]
+
+
+def _collate(items: list) -> dict:
+    return torch.utils.data.default_collate(items)
+
+
+def _step_losses(model, batch: dict, cfg, device, criterion, seed: int) -> dict:
+    """The step's loss terms on one batch at the model's current weights (no update), with the step's
+    randomness drawn from `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = ppap.crit_dropout_mask(batch["img"].shape[0], model.dim, gen)
+    cached = {k: batch[k].to(device) for k in ("head_in", "crit") if k in batch}
+    with torch.no_grad(), ppap.autocast(device, ppap.amp_dtype(cfg, device)):
+        out = model(batch["img"].to(device), crit_keep=keep, probes=True, **cached)
+        linear_sum, n, clusters = ppap.probe_losses(out, batch["label"].to(device), model.n_classes)
+        loss, _ = criterion(out["z"], out["crit"].permute(0, 2, 3, 1).reshape(-1, model.dim), gen)
+    return {"ppap": float(loss), "linear": float(linear_sum / n), "cluster": float(clusters[0])}
+
+
+def case_cache(spec: dict) -> dict:
+    import tempfile
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    over = {"data": "synthetic"} if spec["config"] == "demo" else {"data": "cocostuff", "batch_size": spec["batch"]}
+    cfg = ppap.make_config({**over, "device": spec["device"], "progress": False, "num_workers": 0,
+                            "amp_dtype": spec["amp_dtype"]})
+    B, steps = cfg.batch_size, spec["warmup"] + spec["repeats"]
+    n_classes = 6 if spec["config"] == "demo" else 27
+    model = ppap.PPAP(ppap.new_backbone(cfg.arch, cfg.patch), n_classes).to(device)
+    criterion = ppap.build_loss(cfg)
+    opts = ppap.build_optimizers(cfg, model)
+    scaler = ppap.make_scaler(cfg, device)
+    model.train()
+    data = _MemoSynthetic("train", cfg.img_size, B * steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        sets, build_s = {}, {}
+        for name, crit in (("tokens", False), ("tokens+crit", True)):
+            c = dataclasses.replace(cfg, feature_cache=os.path.join(tmp, name), feature_cache_crit=crit)
+            if name == "tokens":
+                for i in range(len(data)):
+                    data[i]                              # generate the crops outside the timed build
+            sync(device)
+            t0 = time.perf_counter()
+            sets[name] = ppap.open_feature_cache(c, model.backbone, data, device)
+            sync(device)
+            build_s[name] = time.perf_counter() - t0
+        lay = sets["tokens"].done["layout"]
+        computed = sum(-(-min(lay["shard_rows"], lay["crops"] - k * lay["shard_rows"]) // B) * B
+                       for k in range(lay["shards"]))
+        batches = {"live": [], "tokens": [], "tokens+crit": []}
+        read_s = []
+        for j in range(steps):
+            idx = range(j * B, (j + 1) * B)
+            batches["live"].append(_collate([data[i] for i in idx]))
+            for name in ("tokens", "tokens+crit"):
+                t0 = time.perf_counter()
+                batches[name].append(_collate([sets[name][i] for i in idx]))
+                if name == "tokens":
+                    read_s.append(time.perf_counter() - t0)
+        # exactness: the rows against the live trunk of the same crops in another batch of the same size, and
+        # in batches of half the size (the shapes a run with another batch size would see)
+        amp = ppap.amp_dtype(cfg, device)
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:B].tolist()
+        img = torch.stack([data[i]["img"] for i in perm]).to(device)
+        rows = torch.stack([sets["tokens+crit"][i]["head_in"] for i in perm]).to(device)
+        crit = torch.stack([sets["tokens+crit"][i]["crit"] for i in perm]).to(device)
+        with torch.no_grad(), ppap.autocast(device, amp):
+            t, c = model.backbone.features(img)
+            half = [model.backbone.trunk(img[a:a + max(1, B // 2)]) for a in range(0, B, max(1, B // 2))]
+        exact_same = bool(torch.equal(t, rows) and torch.equal(c, crit))
+        exact_half = bool(torch.equal(torch.cat(half), rows))
+        max_diff_half = float((torch.cat(half).float() - rows.float()).abs().max())
+        # half-precision caches: the losses at these (initial) weights with the rows rounded as they store them
+        rounding = {}
+        for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            diffs = {"ppap": [], "linear": [], "cluster": []}
+            for j, b in enumerate(batches["tokens"]):
+                exact = _step_losses(model, b, cfg, device, criterion, j)
+                rounded = _step_losses(model, {**b, "head_in": b["head_in"].to(dt).float()}, cfg, device,
+                                       criterion, j)
+                for k in diffs:
+                    diffs[k].append(abs(rounded[k] - exact[k]) / max(abs(exact[k]), 1e-12))
+            rows = torch.cat([b["head_in"] for b in batches["tokens"]])
+            rounding[name] = {"rows_rel_err": float((rows.to(dt).float() - rows).norm() / rows.norm()),
+                              **{f"{k}_loss_rel_diff_max": max(v) for k, v in diffs.items()}}
+        probe = small_op_ms(torch.get_num_threads())
+        times = {k: [] for k in batches}
+        for j in range(steps):
+            for name in batches:
+                sync(device)
+                t0 = time.perf_counter()
+                ppap.train_step(model, batches[name][j], opts, scaler, cfg, device, criterion)
+                sync(device)
+                if j >= spec["warmup"]:
+                    times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(config=spec["config"], arch=f"{cfg.arch}/{cfg.patch}", img_size=cfg.img_size, batch=B,
+                crops=len(data), computed_crops=computed, shard_rows=lay["shard_rows"], times_s=times, median_s=med,
+                build_s=build_s, read_ms=1e3 * statistics.median(read_s), exact_same_batch=exact_same,
+                exact_half_batch=exact_half, max_diff_half_batch=max_diff_half, rounding=rounding,
+                amp_dtype=str(amp).removeprefix("torch.") if amp is not None else "fp32",
+                threads=torch.get_num_threads(), small_op_ms=probe)
+
+
+def bench_cache(args, results: dict) -> None:
+    results["cache"] = {}
+    for config in [c.strip() for c in args.cache_configs.split(",") if c.strip()]:
+        r = run_case(dict(kind="cache", config=config, device=args.device, batch=args.batch, warmup=args.warmup,
+                          repeats=args.step_repeats, amp_dtype=args.amp_dtype, threads=args.threads))
+        med = r["median_s"]
+        print(f"\ncache {config}: {r['arch']}, {r['img_size']} px, batch {r['batch']}, {args.device} "
+              f"({r['amp_dtype']}, {r['threads']} threads), one process, steps interleaved, median of "
+              f"{args.step_repeats} after {args.warmup} warm-up")
+        contention_note(args.device, r)
+        live_crop = med["live"] / r["batch"]
+        print(f"  first pass: {r['build_s']['tokens']:.1f} s for {r['crops']} crops "
+              f"({1e3 * r['build_s']['tokens'] / r['crops']:.0f} ms/crop; tokens + crit "
+              f"{1e3 * r['build_s']['tokens+crit'] / r['crops']:.0f} ms/crop; a live step: "
+              f"{1e3 * live_crop:.0f} ms/crop; here {r['computed_crops']} crops computed for {r['crops']} stored: "
+              f"batches padded to {r['batch']} at the end of the last shard); reading a batch's rows: "
+              f"{r['read_ms']:.1f} ms (page cache)")
+        print(f"  {'':36s} {'step':>10s} {'speed-up':>9s}")
+        for name, label in (("live", "live (no cache)"), ("tokens", "--feature-cache"),
+                            ("tokens+crit", "--feature-cache --feature-cache-crit")):
+            print(f"  {label:36s} {med[name] * 1e3:8.1f}ms {med['live'] / med[name]:8.2f}x")
+        print(f"  exact: cached rows == live trunk on a shuffled batch of {r['batch']}: {r['exact_same_batch']}; "
+              f"in batches of {max(1, r['batch'] // 2)}: {r['exact_half_batch']} (max |diff| "
+              f"{r['max_diff_half_batch']:.2g})")
+        for name, d in r["rounding"].items():
+            print(f"  --feature-cache-dtype {name}: rows off by {d['rows_rel_err']:.1e} (relative norm); the step's "
+                  f"losses at the same weights on the same {r['crops']} crops off by at most "
+                  + ", ".join(f"{d[k + '_loss_rel_diff_max']:.1e} ({k})" for k in ("ppap", "linear", "cluster"))
+                  + " relative")
+        r["speedup"] = {k: med["live"] / med[k] for k in ("tokens", "tokens+crit")}
+        results["cache"][config] = r
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
@@ -482,7 +646,7 @@ def environment(device: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
-    p.add_argument("--only", default="loss,step", help="comma list of: loss, step, mem64, loader")
+    p.add_argument("--only", default="loss,step", help="comma list of: loss, step, mem64, loader, cache")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
     p.add_argument("--loss-batch", type=int, default=8, help="images for the loss benchmark (N = 784 B)")
     p.add_argument("--batch", type=int, help="images per training step (default 4 on CPU, 64 on CUDA)")
@@ -497,6 +661,8 @@ def main(argv=None) -> int:
     p.add_argument("--loader-sources", type=int, default=200, help="source images for the loader benchmark "
                    "(x5 crops)")
     p.add_argument("--loader-workers", type=int, default=-1, help="DataLoader workers (-1: ppap's default)")
+    p.add_argument("--cache-configs", default="demo,vits8", help="the cache benchmark's configurations: demo "
+                   "(vit_tiny_demo/8, 112 px, batch 16), vits8 (COCO ViT-S/8, 224 px, --batch)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -504,7 +670,7 @@ def main(argv=None) -> int:
         spec = json.loads(args.child)
         if spec.get("threads"):
             torch.set_num_threads(spec["threads"])
-        res = case_loss(spec) if spec["kind"] == "loss" else case_step(spec)
+        res = {"loss": case_loss, "step": case_step, "cache": case_cache}[spec["kind"]](spec)
         print(json.dumps(res))
         return 0
 
@@ -517,7 +683,7 @@ def main(argv=None) -> int:
     args.step_repeats = args.step_repeats or (6 if cuda else 2)
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     parts = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(parts) - {"loss", "step", "mem64", "loader"}
+    unknown = set(parts) - {"loss", "step", "mem64", "loader", "cache"}
     if unknown:
         p.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     if "step" in parts and args.batch * (224 // 8) ** 2 < GROUP:
@@ -528,7 +694,8 @@ def main(argv=None) -> int:
     print(f"PPAP benchmarks | git {e['git']} | torch {e['torch']} (CUDA {e['cuda']}) | {e['device_name']} | "
           f"{e['threads']} threads, {e['cpu_count']} CPUs | load {os.getloadavg()[0]:.2f}")
     failed = []
-    for part, fn in (("loss", bench_loss), ("step", bench_step), ("mem64", bench_mem64), ("loader", bench_loader)):
+    for part, fn in (("loss", bench_loss), ("step", bench_step), ("mem64", bench_mem64), ("loader", bench_loader),
+                     ("cache", bench_cache)):
         if part in parts:
             try:
                 fn(args, results)

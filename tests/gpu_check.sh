@@ -19,6 +19,8 @@
 #   bench      tests/benchmarks.py --device cuda: loss and training step at B=64, profile of ours' loss
 #   bench_b8   tests/benchmarks.py --device cuda --only loss --loss-batch 8 (the CPU benchmark's shape)
 #   bench_bf16 tests/benchmarks.py --device cuda --only step --amp-dtype bf16 (B=64)
+#   cache      tests/benchmarks.py --device cuda --only cache: the step live vs --feature-cache (+ -crit), demo and
+#              ViT-S/8 at B=64, and whether the cached rows equal the live trunk bitwise on this GPU
 #   mem64      tests/benchmarks.py --device cuda --only mem64 (the loss at B=64: custom backward vs autograd)
 #   loader     tests/benchmarks.py --only loader (five-crop JPEGs -> images/s with the default workers)
 # GPU_CHECK_PARTS=bench,bench_b8 runs only those parts (env always runs).
@@ -38,7 +40,7 @@ PARTS="$OUT/parts.tsv"
 : > "$PARTS"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
-WANTED=${GPU_CHECK_PARTS:-build,selfcheck,tests,bench_ext,bench,mem64,loader,bench_b8,bench_bf16}
+WANTED=${GPU_CHECK_PARTS:-build,selfcheck,tests,bench_ext,bench,cache,mem64,loader,bench_b8,bench_bf16}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 
@@ -167,6 +169,7 @@ run_part tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests -k "(cuda or
 run_part bench_ext 120 "$PY" tests/bench_ext.py --json "$OUT/bench_ext.json"
 run_part bench 180 "$PY" tests/benchmarks.py --device cuda --loss-batch 64 --batch 64 --profile \
     --json "$OUT/bench.json"
+run_part cache 150 "$PY" tests/benchmarks.py --device cuda --only cache --json "$OUT/cache.json"
 run_part mem64 90 "$PY" tests/benchmarks.py --device cuda --only mem64 --json "$OUT/mem64.json"
 run_part loader 90 "$PY" tests/benchmarks.py --only loader --loader-sources 400 --json "$OUT/loader.json"
 run_part bench_b8 60 "$PY" tests/benchmarks.py --device cuda --only loss --loss-batch 8 --json "$OUT/bench_b8.json"
@@ -200,7 +203,7 @@ for line in open(os.path.join(out, "parts.tsv")):
     name, rc, secs, limit = line.rstrip("\n").split("\t")
     report["parts"][name] = {"rc": int(rc) if rc.lstrip("-").isdigit() else rc, "seconds": int(secs),
                              "limit_s": limit, "log": f"{name}.log"}
-for key in ("selfcheck", "bench", "mem64", "loader", "bench_b8", "bench_bf16", "bench_ext"):
+for key in ("selfcheck", "bench", "cache", "mem64", "loader", "bench_b8", "bench_bf16", "bench_ext"):
     path = os.path.join(out, key + ".json")
     if os.path.exists(path):
         try:

@@ -150,7 +150,8 @@ def test_ppap_py_reads_method_first():
     banners = [(i, l[len("# ==== "):]) for i, l in enumerate(lines) if l.startswith("# ==== ")]
     order = ["CONFIG", "THE BACKBONE CONTRACT", "BRANCHES", "PROPAGATION AND LOSS", "TRAIN STEP", "TRAINING LOOP",
              "THE EVALUATION PROTOCOL", "SUPPORT: DINOv2", "SUPPORT: the backbone registry", "SUPPORT: datasets",
-             "SUPPORT: checkpoints", "SUPPORT: stopping cleanly", "SUPPORT: devices, and several processes", "CLI"]
+             "SUPPORT: checkpoints", "SUPPORT: stopping cleanly", "SUPPORT: devices, and several processes",
+             "SUPPORT: the feature cache", "CLI"]
     assert len(banners) == len(order) and all(t.startswith(o) for (_, t), o in zip(banners, order)), banners
     method_end = next(i for i, l in enumerate(lines) if "MACHINERY" in l and l.startswith("# ====="))
     assert banners[6][0] < method_end < banners[7][0]
