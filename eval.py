@@ -1182,14 +1182,20 @@ def format_propagation(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_a_group_fits(args, cfg, loader) -> None:
+    """Before any forward pass: a batch of val images must hold one anchor group."""
+    images = min(args.batch_size, len(loader.dataset))
+    per_batch = images * ppap.patch_grid(cfg.val_size, cfg.patch) ** 2
+    if per_batch < cfg.group:
+        raise PPAPError(f"a batch of {images} val images has {per_batch} patches, fewer than one anchor group "
+                        f"({cfg.group}); raise --batch-size (or --limit)")
+
+
 def _propagation_cli(args) -> int:
     t0 = time.time()
     device = ppap.pick_device(args.device)
     model, cfg, info, loader, names = _target_and_data(args)
-    per_batch = min(args.batch_size, len(loader.dataset)) * ppap.patch_grid(cfg.val_size, cfg.patch) ** 2
-    if per_batch < cfg.group:                      # before any forward pass
-        raise PPAPError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
-                        f"fewer than one anchor group ({cfg.group}); raise --batch-size (or --limit)")
+    _check_a_group_fits(args, cfg, loader)
     out_dir = _out_dir(args, info, "propagation", cfg, f"seed{args.anchors_seed}", args.trained_features)
     with output_folder(out_dir) as tmp:
         report, png = _propagation_into(tmp, args, t0, device, model, cfg, info, loader, names)
@@ -1362,29 +1368,29 @@ def threshold_sweep(backbone, loader, device, cfg, grid: list, n_classes: int, *
     totals, hist = None, torch.zeros(SIM_BINS, dtype=torch.float64)
     n_images = n_skipped = n_batches = 0
     patches, hw = [], None
-    backbone.eval()
-    for batch in tqdm(loader, desc="threshold sweep", leave=False, dynamic_ncols=True, disable=not progress):
-        img, label = ppap._unpack_batch(batch)
-        f, hw = criterion_rows(backbone, img, device, amp)
-        rows = base.anchors(f.shape[0], g)
-        if rows.numel() == 0:                     # a short last batch has no full anchor group
-            n_skipped += img.shape[0]
-            continue
-        rows = rows.reshape(-1).to(device)
-        labels = patch_labels(label.to(device).long(), backbone.patch_size, n_classes).reshape(-1)
-        hist += similarity_histogram(F.normalize(f, dim=1), rows)
-        got = sweep_sums(f, labels, rows, criteria, per_class)
-        if totals is None:
-            totals = got
-        else:
-            for tot, new in zip(totals, got):
-                tot["all"] = {k: tot["all"][k] + v for k, v in new["all"].items()}
-                for c, sums in new["by_class"].items():
-                    old = tot["by_class"].get(c)
-                    tot["by_class"][c] = sums if old is None else {k: old[k] + v for k, v in sums.items()}
-        patches.append(f.shape[0])
-        n_images += img.shape[0]
-        n_batches += 1
+    with ppap.evaluating(backbone):
+        for batch in tqdm(loader, desc="threshold sweep", leave=False, dynamic_ncols=True, disable=not progress):
+            img, label = ppap._unpack_batch(batch)
+            f, hw = criterion_rows(backbone, img, device, amp)
+            rows = base.anchors(f.shape[0], g)
+            if rows.numel() == 0:                     # a short last batch has no full anchor group
+                n_skipped += img.shape[0]
+                continue
+            rows = rows.reshape(-1).to(device)
+            labels = patch_labels(label.to(device).long(), backbone.patch_size, n_classes).reshape(-1)
+            hist += similarity_histogram(F.normalize(f, dim=1), rows)
+            got = sweep_sums(f, labels, rows, criteria, per_class)
+            if totals is None:
+                totals = got
+            else:
+                for tot, new in zip(totals, got):
+                    tot["all"] = {k: tot["all"][k] + v for k, v in new["all"].items()}
+                    for c, sums in new["by_class"].items():
+                        old = tot["by_class"].get(c)
+                        tot["by_class"][c] = sums if old is None else {k: old[k] + v for k, v in sums.items()}
+            patches.append(f.shape[0])
+            n_images += img.shape[0]
+            n_batches += 1
     if n_batches == 0:
         raise PPAPError("no batch has a full anchor group; raise --batch-size")
     rows_out = [{**r, **sweep_row(t["all"]), "sums": {k: v.tolist() for k, v in t["all"].items()}}
@@ -1569,9 +1575,8 @@ def _sweep_target(args) -> tuple:
                               ("patch", args.patch), ("weights", args.weights)) if v is not None}
     cfg = ppap.make_config(over)
     backbone = ppap.build_backbone(cfg)
-    tag = cfg.arch if len(ppap.BACKBONES[cfg.arch].patches) == 1 else f"{cfg.arch}{cfg.patch}"
     info = {"kind": "backbone", "checkpoint": cfg.weights or None, "selection": None, "class_names": None,
-            "out": os.path.join("runs", f"{cfg.data}_{tag}"), "stem": ""}
+            "out": os.path.join("runs", f"{cfg.data}_{ppap.backbone_name(cfg)}"), "stem": ""}
     return backbone, cfg, info
 
 
@@ -1584,10 +1589,7 @@ def _sweep_cli(args) -> int:
         cfg = dataclasses.replace(cfg, val_size=args.size)
     ppap.check_config(cfg)
     loader, names, n_classes = _val_loader(cfg, args.limit, args.batch_size)
-    per_batch = min(args.batch_size, len(loader.dataset)) * ppap.patch_grid(cfg.val_size, cfg.patch) ** 2
-    if per_batch < cfg.group:                      # before any forward pass
-        raise PPAPError(f"a batch of {min(args.batch_size, len(loader.dataset))} val images has {per_batch} patches, "
-                        f"fewer than one anchor group ({cfg.group}); raise --batch-size (or --limit)")
+    _check_a_group_fits(args, cfg, loader)
     grid = sweep_grid(cfg, args.phi0_grid or float_list(SWEEP_PHI0), args.gap or [cfg.phi0 - cfg.psi0])
     out_dir = _out_dir(args, info, "sweep", cfg, f"{cfg.val_size}px" if args.size else "")
     with output_folder(out_dir) as tmp:
@@ -1915,13 +1917,7 @@ def output_folder(out_dir: str):
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.path.exists(out_dir):
-                old = tmp + ".old"
-                os.rename(out_dir, old)
-                os.rename(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, out_dir)
+            ppap.replace_folder(tmp, out_dir)
         finally:
             os.close(fd)
     except OSError as e:

@@ -2126,13 +2126,7 @@ def build_five_crop(name, read, pairs, data_dir, workers=0, progress=True, quali
                     for _ in pool.imap_unordered(_five_crop_one, tasks, chunksize=8):
                         bar.update(1)
             atomic_write(os.path.join(tmp, "DONE.json"), lambda p: write_json(p, manifest))
-            if os.path.exists(out):               # stale set (other sources / encoding): replace
-                stale = f"{out}.stale-{os.getpid()}"
-                os.rename(out, stale)
-                os.rename(tmp, out)
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                os.rename(tmp, out)
+            replace_folder(tmp, out)              # a stale set (other sources / encoding) goes
         except OSError as e:
             raise PPAPError(f"cannot write the five-crop cache {tmp}: {e.strerror or type(e).__name__} (disk full or "
                             f"read-only?); the next run resumes it") from None
@@ -2393,6 +2387,16 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def replace_folder(src: str, dst: str) -> None:
+    """The finished folder src becomes dst whole; a dst already there is renamed away first, then deleted (a
+    run still reading its files keeps them: open files outlive their name)."""
+    stale = f"{dst}.stale-{os.getpid()}"
+    if os.path.exists(dst):
+        os.rename(dst, stale)
+    os.rename(src, dst)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_json(path, obj, indent=None):
     with open(path, "w") as f:
         json.dump(obj, f, indent=indent)
@@ -2436,10 +2440,14 @@ def save_checkpoint(model, opts, scaler, cfg: Config, step: int, dataset, best=N
     return path
 
 
+def backbone_name(cfg: Config) -> str:
+    """<arch><patch> for folder names; an arch of one patch size names it already (dinov2_vits14)."""
+    return cfg.arch if len(BACKBONES[cfg.arch].patches) == 1 else f"{cfg.arch}{cfg.patch}"
+
+
 def default_run_dir(cfg: Config) -> str:
-    """runs/<data>_<arch><patch>_<time>; an arch of one patch size names it already (dinov2_vits14)."""
-    backbone = cfg.arch if len(BACKBONES[cfg.arch].patches) == 1 else f"{cfg.arch}{cfg.patch}"
-    return os.path.join("runs", f"{cfg.data}_{backbone}_{time.strftime('%Y%m%d-%H%M%S')}")
+    """runs/<data>_<backbone_name>_<time>."""
+    return os.path.join("runs", f"{cfg.data}_{backbone_name(cfg)}_{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 class RunLog:
@@ -2910,7 +2918,7 @@ _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.ui
 # the key's fields, as a rebuilt cache names what changed
 _KEY_NAMES = {"format": "the cache format", "numerics": "the torch version or device type",
               "backbone": "the backbone", "weights_sha1": "the backbone weights", "data": "the train set",
-              "files_sha1": "the train file list (names, sizes or modification times)",
+              "files_sha1": "the train file list (names or sizes)",
               "crops": "the number of crops", "img_size": "the image size", "crop": "the crop mode",
               "autocast": "the autocast precision", "dtype": "--feature-cache-dtype",
               "crit": "--feature-cache-crit"}
@@ -2933,8 +2941,8 @@ def backbone_digest(backbone: nn.Module) -> str:
 
 def train_set_identity(dataset) -> dict:
     """What the train crops are: the demo's procedural set by its split; a set of files (RealSegDataset: the
-    five-crop sets, Potsdam, ImageNet-S, any dataset with a `pairs` file list) by its reader and the names,
-    sizes and modification times of its files (_sources_digest, as the five-crop set)."""
+    five-crop sets, Potsdam, ImageNet-S, any dataset with a `pairs` file list) by its reader and the names and
+    sizes of its files (_sources_digest, as the five-crop set)."""
     if isinstance(dataset, SyntheticDataset):
         return {"data": f"synthetic {dataset.split}", "files_sha1": "procedural", "crop": "procedural"}
     pairs = getattr(dataset, "pairs", None)
